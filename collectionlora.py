@@ -1,0 +1,1039 @@
+"""
+CollectionLoRA: Collecting 50 Effects in 1 LoRA via Multi-Teacher On-Policy Distillation
+(arXiv 2605.25378) -- a minimal, single-file reference implementation on diffusers + peft.
+
+N effect LoRAs (each a 40-step, CFG "teacher" for one image-editing effect) plus few-step generation
+are distilled into ONE student LoRA that samples in 8 steps without CFG:
+
+    every step      critic  <- flow matching on the student's own 8-step samples      (DMD2 fake score)
+    every 5th step  student <- DMD:   x0_hat - stopgrad(x0_hat - (fake - real)/|x0_hat - real|)
+                               + TS:    the same DMD term on the student's denoising of a noised teacher output
+                               + TA-FM: flow matching on the teacher's own output (coarse anchor)
+    routing (PDSR)  each period the batch is an effect (teacher LoRA swapped into the real score)
+                    with probability p_switch, else a general edit (teacher = base model)
+    prompts (AOP)   teacher sees its instruction; student and critic see "<trigger> instruction",
+                    triggers chosen so the student prompts are as orthogonal as possible
+
+Run:
+    python collectionlora.py --base tiny --teachers examples/tiny_teachers --out runs/tiny   # CPU demo
+    python collectionlora.py --teachers my_effects/ --general my_edits/ --out runs/mine     # GPU, Qwen-Image-Edit-2509
+    python collectionlora.py --help                                                          # every knob
+
+Use the result in stock diffusers:
+    pipe.load_lora_weights("runs/mine/lora")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("runs/mine/lora", subfolder="scheduler")
+    pipe(image=img, prompt=student_prompt, num_inference_steps=8, true_cfg_scale=1.0)
+
+Deviations from the official code (causvid/), each on purpose:
+ 1. Teacher targets ("base_pred" images) are computed by the teacher itself (stock pipeline, 40 steps,
+    CFG) and cached on disk, instead of being precomputed by hand.
+ 2. Teachers live in ONE rank-padded `teacher` adapter slot on the shared base transformer (exact, see
+    TeacherBank); the official code reloads LoRA files. Any LoRA format diffusers reads is accepted.
+ 3. The stream (PDSR) is redrawn every `route_every` steps as in the code (the paper draws every
+    step); the effect is drawn with it, so a teacher swap happens at most once per period. Draws are a
+    pure function of (seed, step), so a resumed run sees exactly the same data.
+ 4. Target-simulation inputs come from the last `ts_last_k` student sigmas (code), not tau_max (paper).
+ 5. CFG uses the diffusers convention uncond + g(cond - uncond); g = 5 equals the official
+    cond + 4(cond - uncond). The teacher targets come from the stock pipeline, whose true-CFG also
+    rescales the guided velocity to the conditional norm; the real score in DMD does not (as official).
+ 6. No DMD2 GAN term (the paper drops it: mode collapse with many teachers), no EMA (as official).
+ 7. Step limit, atomic checkpoints and exact resume; the official loop has neither.
+ 8. Triggers are chosen to minimise the largest pairwise cosine of the student prompts' text
+    embeddings (the paper uses random strings and never measures orthogonality).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+class InputError(ValueError):
+    """Bad user input: reported as one line and exit code 2, never as a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Config ----
+# ---------------------------------------------------------------------------------------------
+
+QWEN_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                       "to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                       "txt_mlp.net.2", "img_mod.1", "txt_mod.1")
+
+
+def knob(default, why):
+    """A Config field whose help text (shown by --help) is the reason for its default."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": why})
+    return field(default=default, metadata={"help": why})
+
+
+@dataclass
+class Config:
+    # data and models
+    teachers: str = knob("", "folder of effects: one sub-folder per effect (LoRA + effect.json [+ images/])")
+    general: str = knob("", "folder of general edits (image + same-name .txt instruction); feeds the general stream")
+    base: str = knob("Qwen/Qwen-Image-Edit-2509", "hub id or local folder of the base pipeline; 'tiny' = random tiny model")
+    out: str = knob("collectionlora_out", "output folder: lora/, checkpoints/, cache/")
+    cache_dir: str = knob("", "teacher-target and LoRA cache; empty = <out>/cache")
+    seed: int = knob(0, "seeds the model init, the router and all noise")
+    # schedule (paper: 5,000 generator steps = 25,000 iterations at gen_every 5)
+    max_steps: int = knob(25000, "iterations (critic updates); the student updates every gen_every")
+    gen_every: int = knob(5, "DMD2 two-time-scale rule: student every 5th step, critic every step")
+    route_every: int = knob(20, "official code redraws the stream every 20 steps")
+    p_switch: float = knob(0.5, "PDSR: probability that a period comes from the effect stream")
+    # LoRA and optimiser (official config)
+    rank: int = knob(128, "student and critic LoRA rank (paper)")
+    alpha: float = knob(128.0, "LoRA alpha; alpha = rank gives scale 1 (paper)")
+    target_modules: tuple = knob(QWEN_TARGET_MODULES, "modules that get student/critic LoRA (official Qwen list)")
+    lr: float = knob(1e-4, "AdamW lr of the student (paper)")
+    critic_lr: float = knob(1e-4, "AdamW lr of the critic (paper)")
+    beta1: float = knob(0.9, "AdamW beta1 (official config)")
+    beta2: float = knob(0.999, "AdamW beta2 (official config)")
+    weight_decay: float = knob(0.0, "not given by the paper; 0 keeps LoRA B from being pulled to zero")
+    grad_clip: float = knob(10.0, "grad-norm clip (official config)")
+    # sampling and guidance
+    student_steps: int = knob(8, "student NFE; the paper's 8-step sampler")
+    shift: float = knob(3.0, "static timestep shift of student and training timesteps (official)")
+    teacher_steps: int = knob(40, "teacher steps for the cached targets (paper: 40 steps x 2 for CFG)")
+    guidance: float = knob(5.0, "real-score CFG g (diffusers convention; official 4.0 in cond + g(cond-uncond))")
+    # coarse-to-fine objective
+    ts_last_k: int = knob(5, "target simulation noises the teacher output to one of the last k student sigmas")
+    ts_t_min: float = knob(500.0, "target simulation: DMD timestep drawn from [ts_t_min, 1000) (paper tau_min)")
+    w_ts: float = knob(1.0, "weight of the target-simulation DMD term (paper: unweighted)")
+    w_fm: float = knob(1.0, "weight of trajectory-anchored flow matching (paper: unweighted)")
+    # engineering
+    log_every: int = knob(50, "one log line every N steps")
+    save_every: int = knob(500, "checkpoint every N steps (atomic)")
+    keep_checkpoints: int = knob(2, "keep the last K checkpoints (each holds both LoRAs and both Adam states)")
+    resume: bool = knob(False, "continue from the last checkpoint in <out>/checkpoints")
+    device: str = knob("auto", "auto = cuda if available else cpu")
+    gradient_checkpointing: bool = knob(True, "recompute activations on CUDA to fit rank-128 training on one GPU")
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir or Path(self.out) / "cache")
+
+
+def parse_config(argv=None) -> Config:
+    """The CLI is generated from Config: one flag per field, help = the reason for its default."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            p.add_argument(f"--{f.name}", default=default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        elif isinstance(default, tuple):
+            p.add_argument(f"--{f.name}", default=default, nargs="+", help=f.metadata["help"])
+        else:
+            p.add_argument(f"--{f.name}", default=default, type=type(default), help=f.metadata["help"])
+    args = vars(p.parse_args(argv))
+    args["target_modules"] = tuple(args["target_modules"])
+    return Config(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Flow-matching maths (diffusers' FlowMatchEulerDiscreteScheduler convention) ----
+# ---------------------------------------------------------------------------------------------
+
+def shift_sigma(sigma, shift: float):
+    """Static timestep shift: sigma' = s*sigma / (1 + (s-1)*sigma)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def add_noise(x0, eps, sigma):
+    """x_sigma = (1 - sigma) x0 + sigma eps: the forward (noising) process."""
+    return (1 - sigma) * x0 + sigma * eps
+
+
+def x0_from_v(x_t, v, sigma):
+    """The transformer predicts v = eps - x0, so x0 = x_sigma - sigma v."""
+    return x_t - sigma * v
+
+
+def classifier_free_guidance(v_uncond, v_cond, g: float):
+    """CFG in the diffusers convention, uncond + g (cond - uncond), written as cond + (g - 1)(cond - uncond)
+    (the official form with its 4.0 = g - 1) so that g = 1 returns the conditional prediction exactly."""
+    return v_cond + (g - 1) * (v_cond - v_uncond)
+
+
+def student_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """The student's sigmas: a uniform grid 1 .. 1/steps, shifted (DESIGN §2; 8 steps -> 1.0 ... 0.3)."""
+    return shift_sigma(torch.linspace(1.0, 1.0 / steps, steps), shift)  # (steps,)
+
+
+def draw_t(gen: torch.Generator, t_min: float, t_max: float) -> torch.Tensor:
+    """t ~ U[t_min, t_max) on the 0..1000 timestep scale (before the shift)."""
+    return t_min + (t_max - t_min) * torch.rand((), generator=gen, device=gen.device)
+
+
+def sigma_of(t, shift: float):
+    """Training timestep -> shifted sigma in [0, 1] (the same shift as the student's sampler)."""
+    return shift_sigma(t / 1000.0, shift)
+
+
+def flow_matching_loss(v, x0, eps):
+    """Rectified-flow regression of the velocity onto eps - x0 (used by the critic and TA-FM)."""
+    return F.mse_loss(v.float(), (eps - x0).float())
+
+
+def student_scheduler(cfg: Config):
+    """The stock diffusers scheduler that reproduces the student's sampler exactly: predict x0,
+    re-noise it to the next sigma with fresh noise (stochastic_sampling), static shift, no dynamic
+    shifting. `pipe(..., num_inference_steps=8)` then visits student_sigmas(8, 3) and ends at sigma 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift, use_dynamic_shifting=False,
+                                           stochastic_sampling=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Model family: Qwen-Image-Edit (the only family-specific section) ----
+# Everything the algorithm needs from a model family: load a pipeline, encode (prompt, source image)
+# once, and predict v. A second family (FLUX.1 Kontext) replaces exactly these functions.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class EditInputs:
+    """Everything the transformer needs besides x_t, for one (prompt, source image) pair."""
+    embeds: torch.Tensor              # (1, T, D) text-encoder states of prompt + condition image
+    mask: torch.Tensor | None         # (1, T) or None when no padding
+    image_latents: torch.Tensor       # (1, L, 4C) packed VAE latents of the source image
+    img_shapes: list                  # [[(1, h, w) of the output, (1, h, w) of the source]] in patches
+    height: int                       # output size in pixels (= the VAE-resized source)
+    width: int
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(self, embeds=move(self.embeds), mask=move(self.mask),
+                                   image_latents=move(self.image_latents))
+
+    @property
+    def noise_shape(self):
+        return self.image_latents.shape  # the output has the source's size: (1, L, 4C)
+
+
+def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The base editing pipeline: a hub id / local folder, or 'tiny' (random, built in code)."""
+    if base == "tiny":
+        return build_tiny_pipeline(seed).to(device)
+    from diffusers import QwenImageEditPlusPipeline
+    return QwenImageEditPlusPipeline.from_pretrained(base, torch_dtype=dtype).to(device)
+
+
+def _qwen_sizes(image):
+    """Condition-image and VAE-image sizes exactly as QwenImageEditPlusPipeline computes them."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
+    ratio = image.size[0] / image.size[1]
+    return qwen.calculate_dimensions(qwen.CONDITION_IMAGE_SIZE, ratio), qwen.calculate_dimensions(qwen.VAE_IMAGE_SIZE, ratio)
+
+
+@torch.no_grad()
+def encode(pipe, image, prompt: str) -> EditInputs:
+    """Encode (prompt, source image) with the pipeline's own text encoder and VAE, resized as the
+    stock pipeline resizes them, so that training sees what `pipe(...)` will see at inference."""
+    (cw, ch), (vw, vh) = _qwen_sizes(image)
+    device = pipe.transformer.device
+    cond_image = pipe.image_processor.resize(image, ch, cw)
+    embeds, mask = pipe.encode_prompt(prompt=[prompt], image=[cond_image], device=device)
+    vae_image = pipe.image_processor.preprocess(image, vh, vw).unsqueeze(2)  # (1, 3, 1, H, W)
+    channels = pipe.transformer.config.in_channels // 4
+    _, image_latents = pipe.prepare_latents([vae_image], 1, channels, vh, vw, pipe.transformer.dtype, device, None)
+    f = pipe.vae_scale_factor * 2
+    return EditInputs(embeds, mask, image_latents, [[(1, vh // f, vw // f), (1, vh // f, vw // f)]], vh, vw)
+
+
+def predict_v(transformer, x_t, sigma, c: EditInputs):
+    """v = transformer(x_sigma | source latents, prompt, sigma). The source image's tokens are
+    appended to the sequence (Qwen-Image-Edit in-context conditioning); only x_t's part is returned."""
+    x_in = torch.cat([x_t, c.image_latents], dim=1)  # (1, 2L, 4C)
+    timestep = sigma.reshape(1).to(x_t.dtype).expand(x_t.shape[0])  # the model takes t/1000 = sigma
+    v = transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=c.embeds,
+                    encoder_hidden_states_mask=c.mask, img_shapes=c.img_shapes, return_dict=False)[0]
+    return v[:, : x_t.shape[1]]  # (1, L, 4C)
+
+
+@contextlib.contextmanager
+def tiny_image_sizes(condition: int = 64 * 64, vae: int = 64 * 64):
+    """The stock pipeline resizes every input to 384^2 / 1024^2 pixels; a tiny model needs tiny
+    images, so lower those module globals (and restore them afterwards)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
+    old = qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE
+    qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = condition, vae
+    try:
+        yield
+    finally:
+        qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = old
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A random QwenImageEditPlusPipeline small enough for CPU tests (transformer ~0.2M params,
+    byte-level tokenizer, 4-channel VAE), built in memory without any download."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
+                           QwenImageTransformer2DModel)
+    from tokenizers import pre_tokenizers
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer,
+                              Qwen2VLImageProcessorPil, Qwen2VLProcessor)
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):  # the stock video processor would need torchvision
+        def __init__(self, image_processor, tokenizer):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+
+    torch.manual_seed(seed)
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # one token per byte
+    vocab.update({tok: len(vocab) + i for i, tok in enumerate(special)})
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=special[1:])
+    ids = tokenizer.convert_tokens_to_ids
+    hidden = 16  # text hidden size == transformer joint_attention_dim
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[1, 1, 2]),
+                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>")),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))).eval()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3,
+                                              joint_attention_dim=hidden, axes_dims_rope=(8, 4, 4)).eval()
+    # A Qwen-Image-like scheduler (dynamic shifting): the teachers' sampler, not the student's.
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    return QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                     processor=ImageOnlyProcessor(Qwen2VLImageProcessorPil(), tokenizer),
+                                     transformer=transformer)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Adapters on one shared base: student, critic and the teacher slot ----
+# ---------------------------------------------------------------------------------------------
+
+def use_adapter(transformer, name: str | None):
+    """Route the shared base through one adapter; None = the bare base model (general-stream teacher).
+    peft's set_adapter also makes only that adapter's parameters require grad."""
+    if name is None:
+        transformer.disable_adapters()
+    else:
+        transformer.enable_adapters()
+        transformer.set_adapter(name)
+
+
+def adapter_params(transformer, name: str) -> list:
+    return [p for n, p in transformer.named_parameters() if f".{name}." in n]
+
+
+def add_trainable_adapters(transformer, cfg: Config):
+    """Student and critic LoRAs on the same base, both zero at step 0 (student = critic = base)."""
+    from peft import LoraConfig
+    for name in ("student", "critic"):
+        transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+                                           init_lora_weights=True), adapter_name=name)
+        for p in adapter_params(transformer, name):
+            p.data = p.data.float()  # important! trainable LoRA weights stay fp32 under bf16 autocast
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Teacher bank: the --teachers folder, normalised, memory-mapped, swapped into one slot ----
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Effect:
+    name: str
+    instruction: str           # the teacher's own prompt (AOP: the teacher sees this)
+    lora_file: Path
+    images: list               # source images for this effect (may be empty -> general pool)
+    trigger: str = ""          # unique token string; chosen automatically when empty
+    student_prompt: str = ""   # trigger + instruction unless given
+    weight: float = 1.0        # LoRA strength the teacher was meant to be used at
+
+
+@dataclass
+class GeneralEdit:
+    image: Path
+    instruction: str
+
+
+def list_images(folder: Path) -> list:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+
+
+def read_teachers(folder) -> list:
+    """--teachers format: <folder>/<effect>/{*.safetensors, effect.json, images/}; effect.json needs
+    "instruction" and may set "trigger", "student_prompt", "weight"."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--teachers '{folder}' is not a folder -- pass a folder with one sub-folder per effect")
+    effects = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        loras = sorted(sub.glob("*.safetensors"))
+        if len(loras) != 1:
+            raise InputError(f"'{sub}' must hold exactly one *.safetensors LoRA file, found {len(loras)}")
+        meta_file = sub / "effect.json"
+        if not meta_file.is_file():
+            raise InputError(f"'{sub}' has no effect.json -- add one with {{\"instruction\": \"...\"}}")
+        meta = json.loads(meta_file.read_text())
+        if not meta.get("instruction"):
+            raise InputError(f"{meta_file} has no 'instruction' -- add the prompt this LoRA was trained with")
+        effects.append(Effect(sub.name, meta["instruction"], loras[0], list_images(sub / "images"),
+                              meta.get("trigger", ""), meta.get("student_prompt", ""), float(meta.get("weight", 1.0))))
+    if not effects:
+        raise InputError(f"--teachers '{folder}' has no effect sub-folders -- see README 'The teachers folder'")
+    return effects
+
+
+def read_general(folder) -> list:
+    """--general format: images with a same-name .txt file holding the edit instruction."""
+    if not folder:
+        return []
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--general '{folder}' is not a folder -- pass a folder of images with .txt instructions")
+    edits = [GeneralEdit(p, p.with_suffix(".txt").read_text().strip())
+             for p in list_images(folder) if p.with_suffix(".txt").is_file()]
+    if not edits:
+        raise InputError(f"--general '{folder}' has no image with a same-name .txt instruction")
+    return edits
+
+
+def file_hash(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def normalise_lora(lora_file: Path, pipeline_cls, transformer, out_file: Path) -> None:
+    """Read any LoRA format diffusers converts (diffusers, peft, kohya, ComfyUI) with the pipeline's
+    own `lora_state_dict` and store it as {module}.A (r, in) / {module}.B (out, r) with the LoRA
+    scale alpha/r folded into B. Written once per file content; later runs memory-map it."""
+    from safetensors.torch import save_file
+    sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), return_lora_metadata=True)
+    config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}  # peft LoraConfig fields
+    modules = dict(transformer.named_modules())
+    out = {}
+    for key, A in sd.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("transformer.").removeprefix("base_model.model.")
+        B = sd[key.replace(".lora_A.", ".lora_B.")]
+        rank = A.shape[0]
+        # diffusers files carry alpha in their peft config (metadata); kohya/ComfyUI alphas are folded
+        # into the weights by lora_state_dict; files with neither mean alpha = rank (diffusers' rule).
+        alpha = config.get("lora_alpha", rank)
+        for pattern, a in (config.get("alpha_pattern") or {}).items():
+            if module == pattern or module.endswith("." + pattern):
+                alpha = a
+        out[f"{module}.A"] = A.float().contiguous()
+        out[f"{module}.B"] = (B.float() * (alpha / rank)).contiguous()
+        if module not in modules:
+            raise InputError(f"{lora_file}: module '{module}' is not in the base transformer -- "
+                             f"is this LoRA made for another base model?")
+    if not out:
+        raise InputError(f"{lora_file}: no LoRA (lora_A/lora_B) weights found after conversion")
+    tmp = out_file.with_suffix(".tmp")
+    save_file(out, str(tmp))
+    os.replace(tmp, out_file)
+
+
+class TeacherBank:
+    """All teachers, kept CPU-side as memory-mapped safetensors (RAM does not grow with their number),
+    and ONE `teacher` adapter slot on the shared base transformer (GPU memory: 1x base, not 1x per
+    teacher). The slot has rank R = max teacher rank over the union of teacher modules and scale 1.
+    Swapping in a rank-r teacher is exact: A -> first r rows of A_slot, scale*B -> first r columns of
+    B_slot, zeros elsewhere, so (B_slot A_slot) x = scale (B A) x for mixed ranks and alphas."""
+
+    def __init__(self, effects: list, pipe, cache: Path):
+        from peft import LoraConfig
+        from safetensors import safe_open
+        self.effects, self.transformer, self.active = effects, pipe.transformer, "none"
+        (cache / "loras").mkdir(parents=True, exist_ok=True)
+        self.files, self.hashes = [], []
+        for e in effects:
+            h = file_hash(e.lora_file)
+            f = cache / "loras" / f"{h}.safetensors"
+            if not f.exists():
+                normalise_lora(e.lora_file, type(pipe), pipe.transformer, f)
+            self.files.append(f)
+            self.hashes.append(h)
+        shapes = {}  # module -> max rank
+        for f in self.files:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    if k.endswith(".A"):
+                        shapes[k[:-2]] = max(shapes.get(k[:-2], 0), sf.get_slice(k).get_shape()[0])
+        self.rank = max(shapes.values())
+        self.modules = sorted(shapes)
+        pipe.transformer.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=self.modules,
+                                                init_lora_weights=False), adapter_name="teacher")
+        self.slot = {n: m for n, m in pipe.transformer.named_modules() if n in shapes}
+        for p in adapter_params(pipe.transformer, "teacher"):
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def swap(self, index: int) -> None:
+        """Copy teacher `index` into the slot (rank-padded, see class docstring)."""
+        from safetensors import safe_open
+        if self.active == index:
+            return
+        weight = self.effects[index].weight
+        with safe_open(str(self.files[index]), framework="pt") as sf:
+            keys = set(sf.keys())
+            for name, module in self.slot.items():
+                A_slot, B_slot = module.lora_A["teacher"].weight, module.lora_B["teacher"].weight
+                A_slot.zero_()
+                B_slot.zero_()
+                if f"{name}.A" in keys:
+                    A, B = sf.get_tensor(f"{name}.A"), sf.get_tensor(f"{name}.B")
+                    if A.shape[1] != A_slot.shape[1] or B.shape[0] != B_slot.shape[0]:
+                        raise InputError(f"{self.effects[index].lora_file}: '{name}' has shape {tuple(B.shape)}x"
+                                         f"{tuple(A.shape)}, the base expects ({B_slot.shape[0]}, r)x(r, {A_slot.shape[1]})")
+                    A_slot[: A.shape[0]] = A.to(A_slot)
+                    B_slot[:, : B.shape[1]] = (B * weight).to(B_slot)
+        self.active = index
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Router: Probabilistic Dual-Stream Routing (PDSR, paper §3.2) ----
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Route:
+    stream: str        # "effect" or "general"
+    effect: int        # index into effects (-1 on the general stream)
+    source: int        # index into that effect's source pool (or the general pool)
+
+
+class Router:
+    """Each period of `route_every` steps: the effect stream with probability p_switch (a uniformly
+    drawn effect, whose LoRA becomes the teacher), else the general stream (teacher = base). Within
+    a period each step draws a source image. Every draw is a pure function of (seed, step), so runs
+    are reproducible and a resumed run sees the same data; `visits` counts steps per effect."""
+
+    def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int):
+        self.n_effects, self.pool_sizes, self.n_general = n_effects, pool_sizes, n_general
+        self.p_switch, self.route_every, self.seed = p_switch, route_every, seed
+        self.visits = [0] * (n_effects + 1)  # last entry: general stream
+
+    def route(self, step: int) -> Route:
+        period = random.Random(f"{self.seed}/period/{step // self.route_every}")
+        effect_stream = self.n_general == 0 or period.random() < self.p_switch
+        effect = period.randrange(self.n_effects) if effect_stream else -1
+        pool = self.pool_sizes[effect] if effect_stream else self.n_general
+        source = random.Random(f"{self.seed}/step/{step}").randrange(pool)
+        return Route("effect" if effect_stream else "general", effect, source)
+
+    def count(self, r: Route) -> None:
+        self.visits[r.effect] += 1  # effect -1 is the general stream's slot
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Prompts: Asymmetric Orthogonal Prompting (AOP, paper §3.3) ----
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def prompt_embedding(pipe, prompt: str) -> torch.Tensor:
+    """What 'orthogonal' is measured on: the text encoder's states for the prompt (no image), averaged
+    over tokens, minus the same for the empty prompt so the shared chat template does not dominate."""
+    def mean_state(p):
+        embeds, mask = pipe.encode_prompt(prompt=[p], image=None, device=pipe.text_encoder.device)
+        keep = torch.ones(embeds.shape[:2], device=embeds.device) if mask is None else mask.float()
+        return (embeds.float() * keep[..., None]).sum(1)[0] / keep.sum()  # (D,)
+    return mean_state(prompt) - mean_state("")
+
+
+def max_pairwise_cosine(vectors: torch.Tensor) -> float:
+    v = F.normalize(vectors.float(), dim=-1)
+    cos = v @ v.T
+    return (cos - 2 * torch.eye(len(v))).max().item() if len(v) > 1 else 0.0
+
+
+def random_trigger(rng: random.Random, name: str) -> str:
+    """Paper-style unique token string, e.g. <0417_sepia_Kq3951>."""
+    letters = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjkmnpqrstuvwxyz") for _ in range(2))
+    return f"<{rng.randrange(10000):04d}_{name}_{letters}{rng.randrange(10000):04d}>"
+
+
+def student_prompt_of(trigger: str, instruction: str) -> str:
+    return f"{trigger} {instruction}"
+
+
+def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dict:
+    """Give every effect without a trigger one that keeps the student prompts as close to mutually
+    orthogonal as possible: greedily, each effect takes the candidate that minimises the largest
+    cosine to the prompts chosen so far. Fills e.trigger / e.student_prompt in place and returns the
+    largest pairwise cosine of the naive choice (first candidate) and of the chosen one."""
+    rng = random.Random(f"{seed}/triggers")
+    fixed = [e for e in effects if e.trigger]
+    seen = {}
+    for e in fixed:
+        if e.trigger in seen:
+            raise InputError(f"effects '{seen[e.trigger]}' and '{e.name}' share the trigger '{e.trigger}' -- "
+                             f"make it unique in one effect.json")
+        seen[e.trigger] = e.name
+    naive, chosen = [], []
+    for e in effects:
+        if e.trigger:
+            emb = prompt_embedding(pipe, e.student_prompt or student_prompt_of(e.trigger, e.instruction))
+            naive.append(emb)
+            chosen.append(emb)
+            continue
+        pool = [random_trigger(rng, e.name) for _ in range(candidates)]
+        embs = [prompt_embedding(pipe, student_prompt_of(t, e.instruction)) for t in pool]
+        naive.append(embs[0])
+        if chosen:
+            worst = [max_pairwise_cosine(torch.stack(chosen + [x])) for x in embs]
+            best = min(range(candidates), key=worst.__getitem__)
+        else:
+            best = 0
+        e.trigger = pool[best]
+        chosen.append(embs[best])
+    for e in effects:
+        e.student_prompt = e.student_prompt or student_prompt_of(e.trigger, e.instruction)
+    return {"naive_max_cos": max_pairwise_cosine(torch.stack(naive)),
+            "chosen_max_cos": max_pairwise_cosine(torch.stack(chosen))}
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Teacher targets (paper's base_pred; DESIGN §4): the teacher's own full-step output ----
+# ---------------------------------------------------------------------------------------------
+
+def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler):
+    """The teacher's output latents for (effect, source image): the stock pipeline with the effect's
+    LoRA, cfg.teacher_steps steps, CFG g, the base's own scheduler. Cached on disk by (teacher file
+    hash, image hash, prompt, seed, steps, g); a second run only reads the cache."""
+    from PIL import Image
+    e = bank.effects[index]
+    key = hashlib.sha256(json.dumps([bank.hashes[index], file_hash(image_path), e.instruction, e.weight,
+                                     cfg.seed, cfg.teacher_steps, cfg.guidance]).encode()).hexdigest()[:24]
+    path = cfg.cache / "targets" / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    image = Image.open(image_path).convert("RGB")
+    (_, _), (vw, vh) = _qwen_sizes(image)
+    bank.swap(index)
+    use_adapter(pipe.transformer, "teacher")
+    student_sched, pipe.scheduler = pipe.scheduler, teacher_scheduler
+    try:
+        y = pipe(image=image, prompt=e.instruction, negative_prompt=" ", true_cfg_scale=cfg.guidance,
+                 height=vh, width=vw, num_inference_steps=cfg.teacher_steps, output_type="latent",
+                 generator=torch.Generator(pipe.transformer.device).manual_seed(cfg.seed)).images
+    finally:
+        pipe.scheduler = student_sched
+    y = y.float().cpu()  # (1, L, 4C) packed latents
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(y, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Data: every (prompt, image) encoded once, teacher targets computed once ----
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    route: Route
+    student: EditInputs             # AOP: the student's (and critic's) prompt
+    teacher: EditInputs             # AOP: the teacher's own instruction
+    negative: EditInputs            # empty prompt: the unconditional branch of CFG
+    teacher_adapter: str | None     # "teacher" on the effect stream, None (bare base) on the general stream
+    target: torch.Tensor | None     # (1, L, 4C) teacher output y on the effect stream, else None
+
+
+class EditData:
+    """Encodes every (prompt, source image) the run can draw with the text encoder and VAE once, and
+    computes every teacher target once (cached on disk), so both encoders can leave the GPU before
+    training. Tensors stay on the CPU and move to the device one batch at a time."""
+
+    def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
+        from PIL import Image
+        from tqdm.auto import tqdm
+        self.effects, self.general = effects, general
+        self.pools = [e.images or [g.image for g in general] for e in effects]
+        for e, pool in zip(effects, self.pools):
+            if not pool:
+                raise InputError(f"effect '{e.name}' has no images/ folder and there is no --general folder "
+                                 f"to borrow source images from -- add one of them")
+        memo = {}
+
+        def enc(prompt, path):
+            if (prompt, path) not in memo:
+                memo[prompt, path] = encode(pipe, Image.open(path).convert("RGB"), prompt).to("cpu")
+            return memo[prompt, path]
+
+        jobs = [(i, p) for i, pool in enumerate(self.pools) for p in pool]
+        self.effect_inputs, self.targets = {}, {}
+        for i, p in tqdm(jobs, desc="teacher targets", disable=not jobs):
+            e = effects[i]
+            self.effect_inputs[i, p] = (enc(e.student_prompt, p), enc(e.instruction, p), enc("", p))
+            self.targets[i, p] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler)
+        self.general_inputs = [(enc(g.instruction, g.image), enc("", g.image)) for g in general]
+
+    def batch(self, r: Route, device) -> Batch:
+        if r.stream == "effect":
+            path = self.pools[r.effect][r.source]
+            student, teacher, negative = (x.to(device) for x in self.effect_inputs[r.effect, path])
+            return Batch(r, student, teacher, negative, "teacher", self.targets[r.effect, path].to(device))
+        prompt, negative = (x.to(device) for x in self.general_inputs[r.source])
+        return Batch(r, prompt, prompt, negative, None, None)  # general stream: everyone sees the instruction
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Student sampler with backward simulation (DMD2 §4.5) ----
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def backward_simulation(transformer, c: EditInputs, sigmas: torch.Tensor, k: int, gen: torch.Generator):
+    """Run the student's own sampler from pure noise for k steps: predict x0, re-noise it to the next
+    sigma with fresh noise. Returns x at sigmas[k] (k < steps), or the final sample x0 (k = steps)."""
+    x = torch.randn(c.noise_shape, generator=gen, device=gen.device)  # (1, L, 4C) at sigma = 1
+    for i in range(k):
+        x0 = x0_from_v(x, predict_v(transformer, x, sigmas[i], c), sigmas[i])
+        x = add_noise(x0, torch.randn(x0.shape, generator=gen, device=gen.device), sigmas[i + 1]) \
+            if i + 1 < len(sigmas) else x0
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Losses: Coarse-to-Fine Distillation Objective (C2F-DO, paper §3.4) ----
+# ---------------------------------------------------------------------------------------------
+
+def dmd_loss(x0_hat, real_x0, fake_x0):
+    """Distribution matching (DMD eq. 7) with the DMD2 normaliser: the student moves along
+    grad = (fake - real) / mean|x0_hat - real|. Written as 0.5 MSE to a stop-gradient target, so
+    d loss / d x0_hat = grad / N exactly."""
+    with torch.no_grad():
+        normaliser = (x0_hat - real_x0).abs().mean(dim=tuple(range(1, x0_hat.ndim)), keepdim=True)  # (B, 1, 1)
+        grad = torch.nan_to_num((fake_x0 - real_x0) / normaliser)
+    target = (x0_hat - grad).detach()  # important! a stop-gradient target, or the gradient cancels out
+    return 0.5 * F.mse_loss(x0_hat.float(), target.float())
+
+
+def dmd_term(transformer, x0_hat, b: Batch, sigma, cfg: Config, gen):
+    """Noise x0_hat to sigma; real score = teacher with CFG on its own instruction (AOP), fake score =
+    critic on the student prompt; both without grad. Returns the DMD loss of x0_hat."""
+    eps = torch.randn(x0_hat.shape, generator=gen, device=gen.device)
+    x_t = add_noise(x0_hat.detach(), eps, sigma)  # (1, L, 4C)
+    with torch.no_grad():
+        use_adapter(transformer, b.teacher_adapter)
+        real_x0 = x0_from_v(x_t, cfg_guided(transformer, x_t, sigma, b, cfg.guidance), sigma)
+        use_adapter(transformer, "critic")
+        fake_x0 = x0_from_v(x_t, predict_v(transformer, x_t, sigma, b.student), sigma)
+    return dmd_loss(x0_hat, real_x0, fake_x0)
+
+
+def cfg_guided(transformer, x_t, sigma, b: Batch, g: float):
+    """The real score: the teacher's velocity with classifier-free guidance (g = 1 skips the uncond pass)."""
+    v_cond = predict_v(transformer, x_t, sigma, b.teacher)
+    return v_cond if g == 1 else classifier_free_guidance(predict_v(transformer, x_t, sigma, b.negative), v_cond, g)
+
+
+def student_x0(transformer, x_t, sigma, c: EditInputs):
+    """The student's one-step denoising x0_hat = x_t - sigma v_student(x_t), with grad."""
+    use_adapter(transformer, "student")
+    return x0_from_v(x_t, predict_v(transformer, x_t, sigma, c), sigma)
+
+
+def student_loss(transformer, b: Batch, sigmas, cfg: Config, gen) -> dict:
+    """L = L_DMD(backward simulation) [+ w_ts L_DMD(target simulation) + w_fm L_TA-FM on the effect stream]."""
+    steps = len(sigmas)
+    # DMD on backward simulation: the student's own trajectory, stopped at a uniformly drawn step k
+    k = int(torch.randint(steps, (), generator=gen, device=gen.device))
+    use_adapter(transformer, "student")
+    x_k = backward_simulation(transformer, b.student, sigmas, k, gen)
+    x0_hat = student_x0(transformer, x_k, sigmas[k], b.student)
+    t_dmd = draw_t(gen, 0.0, 1000.0)
+    losses = {"dmd": dmd_term(transformer, x0_hat, b, sigma_of(t_dmd, cfg.shift), cfg, gen)}
+    if b.target is not None:
+        y = b.target  # the teacher's own output for this source (paper: base_pred)
+        # target simulation (fine): the student denoises y noised to one of its last k sigmas
+        j = int(torch.randint(steps - cfg.ts_last_k, steps, (), generator=gen, device=gen.device))
+        x_j = add_noise(y, torch.randn(y.shape, generator=gen, device=gen.device), sigmas[j])
+        x0_ts = student_x0(transformer, x_j, sigmas[j], b.student)
+        losses["ts"] = dmd_term(transformer, x0_ts, b, sigma_of(draw_t(gen, cfg.ts_t_min, 1000.0), cfg.shift), cfg, gen)
+        # trajectory-anchored flow matching (coarse): flow matching on y at t in [t_dmd, 1000)
+        sigma = sigma_of(draw_t(gen, float(t_dmd), 1000.0), cfg.shift)
+        eps = torch.randn(y.shape, generator=gen, device=gen.device)
+        use_adapter(transformer, "student")
+        losses["fm"] = flow_matching_loss(predict_v(transformer, add_noise(y, eps, sigma), sigma, b.student), y, eps)
+    use_adapter(transformer, "student")  # important! backward (and checkpoint recompute) must see the student
+    return losses
+
+
+def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
+    """The fake score learns the student's current distribution: flow matching on a fresh 8-step
+    student sample (no grad through the sample), on the student prompt."""
+    use_adapter(transformer, "student")
+    x0 = backward_simulation(transformer, b.student, sigmas, len(sigmas), gen)  # (1, L, 4C)
+    sigma = sigma_of(draw_t(gen, 0.0, 1000.0), cfg.shift)
+    eps = torch.randn(x0.shape, generator=gen, device=gen.device)
+    use_adapter(transformer, "critic")
+    return flow_matching_loss(predict_v(transformer, add_noise(x0, eps, sigma), sigma, b.student), x0, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- One training step ----
+# ---------------------------------------------------------------------------------------------
+
+def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic, cfg: Config, gen, autocast) -> dict:
+    """Student every gen_every steps (DMD2 two time-scale rule), then the critic, on the same batch."""
+    logs = {}
+    if step % cfg.gen_every == 0:
+        with autocast:
+            losses = student_loss(transformer, b, sigmas, cfg, gen)
+        weights = {"dmd": 1.0, "ts": cfg.w_ts, "fm": cfg.w_fm}
+        total = sum(weights[k] * v for k, v in losses.items())
+        opt_student.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(opt_student.param_groups[0]["params"], cfg.grad_clip)
+        opt_student.step()
+        logs.update({k: v.item() for k, v in losses.items()})
+    with autocast:
+        loss = critic_loss(transformer, b, sigmas, cfg, gen)
+    opt_critic.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(opt_critic.param_groups[0]["params"], cfg.grad_clip)
+    opt_critic.step()
+    logs["critic"] = loss.item()
+    return logs
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Train loop, checkpoints, export ----
+# ---------------------------------------------------------------------------------------------
+
+def check_config(cfg: Config) -> None:
+    rules = [("max_steps", cfg.max_steps >= 1, "a positive number of steps"),
+             ("p_switch", 0.0 <= cfg.p_switch <= 1.0, "a probability in [0, 1]"),
+             ("lr", cfg.lr > 0, "a positive learning rate"), ("critic_lr", cfg.critic_lr > 0, "a positive learning rate"),
+             ("gen_every", cfg.gen_every >= 1, "at least 1"), ("route_every", cfg.route_every >= 1, "at least 1"),
+             ("rank", cfg.rank >= 1, "at least 1"), ("student_steps", cfg.student_steps >= 1, "at least 1"),
+             ("ts_last_k", 1 <= cfg.ts_last_k <= cfg.student_steps, "between 1 and --student_steps"),
+             ("save_every", cfg.save_every >= 1, "at least 1"), ("log_every", cfg.log_every >= 1, "at least 1"),
+             ("keep_checkpoints", cfg.keep_checkpoints >= 1, "at least 1")]
+    for flag, ok, want in rules:
+        if not ok:
+            raise InputError(f"--{flag} {getattr(cfg, flag)} is invalid -- use {want}")
+    if not cfg.teachers:
+        raise InputError("--teachers is required -- pass a folder with one sub-folder per effect (see --help)")
+
+
+def trainable_state(transformer, name: str) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in transformer.named_parameters() if f".{name}." in n}
+
+
+def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, router, gen, extra: dict, keep: int):
+    """Everything needed to continue bit-exactly: both LoRAs, both optimisers, router counts, RNG.
+    Written to a temporary name and renamed, so a crash never leaves a half-written checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "student": trainable_state(transformer, "student"), "critic": trainable_state(transformer, "critic"),
+             "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(),
+             "visits": list(router.visits), "gen": gen.get_state(), **extra}
+    path = folder / f"step_{step:08d}.pt"
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path, transformer, opt_student, opt_critic, router, gen) -> dict:
+    state = torch.load(path, weights_only=True, map_location="cpu")  # weights only: nothing is executed
+    params = dict(transformer.named_parameters())
+    with torch.no_grad():
+        for name in ("student", "critic"):
+            for n, t in state[name].items():
+                params[n].copy_(t)
+    opt_student.load_state_dict(state["opt_student"])
+    opt_critic.load_state_dict(state["opt_critic"])
+    router.visits = list(state["visits"])
+    gen.set_state(state["gen"])
+    return state
+
+
+def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict) -> Path:
+    """The student as a stock diffusers LoRA folder: pytorch_lora_weights.safetensors (+ its peft
+    config, so alpha is restored), scheduler/ (the 8-step sampler), collectionlora.json (triggers,
+    student prompts, base, sampler). `pipe.load_lora_weights(folder)` loads it."""
+    from peft.utils import get_peft_model_state_dict
+    out = Path(cfg.out) / "lora"
+    tmp = out.with_name("lora.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lora = get_peft_model_state_dict(pipe.transformer, adapter_name="student")
+    type(pipe).save_lora_weights(tmp, transformer_lora_layers=lora,
+                                 transformer_lora_adapter_metadata=pipe.transformer.peft_config["student"].to_dict())
+    student_scheduler(cfg).save_pretrained(tmp / "scheduler")
+    import diffusers
+    import peft
+    meta = {"base": cfg.base, "paper": "arXiv 2605.25378",
+            "sampler": {"num_inference_steps": cfg.student_steps, "true_cfg_scale": 1.0, "scheduler": "scheduler/",
+                        "sigmas": [round(s, 6) for s in student_sigmas(cfg.student_steps, cfg.shift).tolist()]},
+            "effects": [{"name": e.name, "trigger": e.trigger, "student_prompt": e.student_prompt,
+                         "teacher_instruction": e.instruction, "teacher_sha256_16": h}
+                        for e, h in zip(effects, bank.hashes)],
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
+            "config": dataclasses.asdict(cfg), **extra}
+    (tmp / "collectionlora.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+@torch.no_grad()
+def distances_to_teachers(transformer, data: EditData, sigmas, seeds=(0, 1)) -> list:
+    """Per effect: mean squared distance between the student's 8-step output (latents) and the
+    teacher's full-step output, on the effect's first source image. A private RNG keeps training
+    reproducible whether or not this runs."""
+    out = []
+    for i in range(len(data.effects)):
+        path = data.pools[i][0]
+        c = data.effect_inputs[i, path][0].to(sigmas.device)
+        y = data.targets[i, path].to(sigmas.device)
+        use_adapter(transformer, "student")
+        d = [F.mse_loss(backward_simulation(transformer, c, sigmas, len(sigmas),
+                                            torch.Generator(sigmas.device).manual_seed(s)), y).item() for s in seeds]
+        out.append(sum(d) / len(d))
+    return out
+
+
+def train(cfg: Config) -> Path:
+    """Distil the --teachers folder into one student LoRA; returns the exported LoRA folder."""
+    from tqdm.auto import tqdm
+    check_config(cfg)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights on GPU, fp32 on CPU
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ckpt_dir = Path(cfg.out) / "checkpoints"
+    previous = sorted(ckpt_dir.glob("step_*.pt"))
+    if previous and not cfg.resume:
+        raise InputError(f"--out '{cfg.out}' holds a previous run -- pass --resume to continue it, or another --out")
+    if cfg.resume and not previous:
+        raise InputError(f"--resume: no checkpoint in '{ckpt_dir}' -- run once without --resume first")
+    effects, general = read_teachers(cfg.teachers), read_general(cfg.general)
+
+    # --- models: ONE base transformer carries the teacher slot, the student and the critic ---
+    pipe = load_pipeline(cfg.base, device, dtype, cfg.seed)
+    pipe.set_progress_bar_config(disable=True)
+    transformer = pipe.transformer.requires_grad_(False)
+    teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)
+    bank = TeacherBank(effects, pipe, cfg.cache)
+    aop = choose_triggers(pipe, effects, cfg.seed)
+    print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive "
+          f"triggers -> {aop['chosen_max_cos']:.3f} chosen")
+    data = EditData(pipe, effects, general, bank, cfg, teacher_scheduler)
+    if device.type == "cuda":  # every input is encoded: the text encoder and VAE can leave the GPU
+        pipe.text_encoder.to("cpu"), pipe.vae.to("cpu")
+    add_trainable_adapters(transformer, cfg)
+    if device.type == "cuda" and cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    betas = (cfg.beta1, cfg.beta2)
+    opt_student = torch.optim.AdamW(adapter_params(transformer, "student"), cfg.lr, betas, weight_decay=cfg.weight_decay)
+    opt_critic = torch.optim.AdamW(adapter_params(transformer, "critic"), cfg.critic_lr, betas, weight_decay=cfg.weight_decay)
+    router = Router(len(effects), [len(p) for p in data.pools], len(general), cfg.p_switch, cfg.route_every, cfg.seed)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    start, before = 0, None
+    if cfg.resume:
+        state = load_checkpoint(previous[-1], transformer, opt_student, opt_critic, router, gen)
+        start, before = state["step"], state["before"]
+        print(f"resumed from {previous[-1]} at step {start}")
+    if before is None:
+        before = distances_to_teachers(transformer, data, sigmas)
+
+    # --- the loop: critic every step, student every gen_every ---
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="distilling", dynamic_ncols=True)
+    t0, logs = time.time(), {}
+    for step in bar:
+        route = router.route(step)
+        router.count(route)
+        if route.stream == "effect":
+            bank.swap(route.effect)
+        b = data.batch(route, device)
+        logs.update(train_step(step, transformer, b, sigmas, opt_student, opt_critic, cfg, gen, autocast))
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+        if (step + 1) % cfg.log_every == 0:
+            what = effects[route.effect].name if route.stream == "effect" else "general"
+            bar.write(f"step {step + 1}/{cfg.max_steps} | {what} | " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+                      + f" | {(time.time() - t0) / (step + 1 - start):.3f} s/step")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(ckpt_dir, step + 1, transformer, opt_student, opt_critic, router, gen,
+                            {"before": before}, cfg.keep_checkpoints)
+    bar.close()
+
+    after = distances_to_teachers(transformer, data, sigmas)
+    visits = {e.name: v for e, v in zip(effects, router.visits)} | {"general": router.visits[-1]}
+    out = export_lora(pipe, cfg, effects, bank, {"aop": aop, "router_visits": visits,
+                                                 "distance_to_teacher": {"before": before, "after": after}})
+    print("student 8-step output vs teacher output (latent MSE), before -> after:")
+    for e, b0, b1 in zip(effects, before, after):
+        print(f"  {e.name:24s} {b0:.4f} -> {b1:.4f}   prompt: {e.student_prompt!r}")
+    print(f"router visits: {visits}")
+    print(f"wrote {out} -- load it with pipe.load_lora_weights('{out}')")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- Inference with the stock pipeline ----
+# ---------------------------------------------------------------------------------------------
+
+def load_student(pipe, lora_dir) -> None:
+    """Load an exported student into a stock pipeline: the LoRA and its 8-step scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
+
+
+@torch.no_grad()
+def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type: str = "pil"):
+    """Few-step editing with the stock pipeline (no CFG: the student was distilled with it). The
+    stochastic scheduler re-noises with torch's global RNG, so it is seeded inside a forked RNG."""
+    _, (vw, vh) = _qwen_sizes(image)
+    device = pipe.transformer.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return pipe(image=image, prompt=prompt, true_cfg_scale=1.0, height=vh, width=vw, num_inference_steps=steps,
+                    generator=torch.Generator(device).manual_seed(seed), output_type=output_type).images
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- CLI ----
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    try:
+        with tiny_image_sizes() if cfg.base == "tiny" else contextlib.nullcontext():
+            train(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
