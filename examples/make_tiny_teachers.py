@@ -35,7 +35,7 @@ def random_image(rng: torch.Generator, size: int = 64) -> Image.Image:
     return Image.fromarray((img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
 
 
-def random_lora(pipe, rank: int, alpha: float, seed: int, scale: float = 0.5):
+def random_lora(pipe, rank: int, alpha: float, seed: int, scale: float = 2.0):
     """A random LoRA of the tiny transformer: (peft state dict, LoraConfig)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
