@@ -54,6 +54,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,7 +230,11 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
     if base == "tiny":
         return build_tiny_pipeline(seed).to(device)
     from diffusers import QwenImageEditPlusPipeline
-    return QwenImageEditPlusPipeline.from_pretrained(base, torch_dtype=dtype).to(device)
+    try:
+        return QwenImageEditPlusPipeline.from_pretrained(base, torch_dtype=dtype).to(device)
+    except OSError as e:
+        raise InputError(f"--base '{base}' could not be loaded ({str(e).splitlines()[0][:120]}) -- pass a local "
+                         f"folder, or download it first with `hf download {base}`") from e
 
 
 def _qwen_sizes(image):
@@ -343,6 +348,7 @@ def adapter_params(transformer, name: str) -> list:
 def add_trainable_adapters(transformer, cfg: Config):
     """Student and critic LoRAs on the same base, both zero at step 0 (student = critic = base)."""
     from peft import LoraConfig
+    warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point
     for name in ("student", "critic"):
         transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
                                            init_lora_weights=True), adapter_name=name)
@@ -967,14 +973,16 @@ def train(cfg: Config) -> Path:
 
     # --- the loop: critic every step, student every gen_every ---
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="distilling", dynamic_ncols=True)
-    t0, logs = time.time(), {}
+    t0, student_logs = time.time(), {}
     for step in bar:
         route = router.route(step)
         router.count(route)
         if route.stream == "effect":
             bank.swap(route.effect)
         b = data.batch(route, device)
-        logs.update(train_step(step, transformer, b, sigmas, opt_student, opt_critic, cfg, gen, autocast))
+        logs = train_step(step, transformer, b, sigmas, opt_student, opt_critic, cfg, gen, autocast)
+        student_logs = {k: v for k, v in logs.items() if k != "critic"} or student_logs  # last student update
+        logs = {**student_logs, "critic": logs["critic"]}
         bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
         if (step + 1) % cfg.log_every == 0:
             what = effects[route.effect].name if route.stream == "effect" else "general"
