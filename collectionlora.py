@@ -15,7 +15,7 @@ are distilled into ONE student LoRA that samples in 8 steps without CFG:
                     triggers chosen so the student prompts are as orthogonal as possible
 
 Run:
-    python collectionlora.py --base tiny --teachers examples/tiny_teachers --out runs/tiny   # CPU demo
+    python collectionlora.py --base tiny --teachers examples/tiny_teachers ...               # CPU demo: README
     python collectionlora.py --teachers my_effects/ --general my_edits/ --out runs/mine     # GPU, Qwen-Image-Edit-2509
     python collectionlora.py --help                                                          # every knob
 
@@ -48,7 +48,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -60,6 +59,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 
 class InputError(ValueError):
     """Bad user input: reported as one line and exit code 2, never as a traceback."""
@@ -171,7 +171,7 @@ def classifier_free_guidance(v_uncond, v_cond, g: float):
 
 
 def student_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """The student's sigmas: a uniform grid 1 .. 1/steps, shifted (DESIGN §2; 8 steps -> 1.0 ... 0.3)."""
+    """The student's sigmas: a uniform grid 1 .. 1/steps, shifted; 8 steps give the official denoising_step_list 1.0 ... 0.3."""
     return shift_sigma(torch.linspace(1.0, 1.0 / steps, steps), shift)  # (steps,)
 
 
@@ -212,8 +212,6 @@ class EditInputs:
     mask: torch.Tensor | None         # (1, T) or None when no padding
     image_latents: torch.Tensor       # (1, L, 4C) packed VAE latents of the source image
     img_shapes: list                  # [[(1, h, w) of the output, (1, h, w) of the source]] in patches
-    height: int                       # output size in pixels (= the VAE-resized source)
-    width: int
 
     def to(self, device):
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -256,17 +254,18 @@ def encode(pipe, image, prompt: str) -> EditInputs:
     channels = pipe.transformer.config.in_channels // 4
     _, image_latents = pipe.prepare_latents([vae_image], 1, channels, vh, vw, pipe.transformer.dtype, device, None)
     f = pipe.vae_scale_factor * 2
-    return EditInputs(embeds, mask, image_latents, [[(1, vh // f, vw // f), (1, vh // f, vw // f)]], vh, vw)
+    return EditInputs(embeds, mask, image_latents, [[(1, vh // f, vw // f), (1, vh // f, vw // f)]])  # out = source size
 
 
 def predict_v(transformer, x_t, sigma, c: EditInputs):
     """v = transformer(x_sigma | source latents, prompt, sigma). The source image's tokens are
     appended to the sequence (Qwen-Image-Edit in-context conditioning); only x_t's part is returned."""
-    x_in = torch.cat([x_t, c.image_latents], dim=1)  # (1, 2L, 4C)
-    timestep = sigma.reshape(1).to(x_t.dtype).expand(x_t.shape[0])  # the model takes t/1000 = sigma
+    dtype = c.image_latents.dtype  # the model's dtype (bf16 on CUDA); x_t itself stays fp32
+    x_in = torch.cat([x_t.to(dtype), c.image_latents], dim=1)  # (1, 2L, 4C)
+    timestep = sigma.reshape(1).to(dtype).expand(x_t.shape[0])  # the model takes t/1000 = sigma
     v = transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=c.embeds,
                     encoder_hidden_states_mask=c.mask, img_shapes=c.img_shapes, return_dict=False)[0]
-    return v[:, : x_t.shape[1]]  # (1, L, 4C)
+    return v[:, : x_t.shape[1]].float()  # (1, L, 4C)
 
 
 @contextlib.contextmanager
@@ -521,7 +520,7 @@ class TeacherBank:
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- Router: Probabilistic Dual-Stream Routing (PDSR, paper §3.2) ----
+# ---- Router: Probabilistic Dual-Stream Routing (PDSR) ----
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -555,7 +554,7 @@ class Router:
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- Prompts: Asymmetric Orthogonal Prompting (AOP, paper §3.3) ----
+# ---- Prompts: Asymmetric Orthogonal Prompting (AOP) ----
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -622,7 +621,7 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dic
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- Teacher targets (paper's base_pred; DESIGN §4): the teacher's own full-step output ----
+# ---- Teacher targets (the official "base_pred"): the teacher's own full-step output ----
 # ---------------------------------------------------------------------------------------------
 
 def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler):
@@ -631,18 +630,18 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
     hash, image hash, prompt, seed, steps, g); a second run only reads the cache."""
     from PIL import Image
     e = bank.effects[index]
-    key = hashlib.sha256(json.dumps([bank.hashes[index], file_hash(image_path), e.instruction, e.weight,
-                                     cfg.seed, cfg.teacher_steps, cfg.guidance]).encode()).hexdigest()[:24]
+    image = Image.open(image_path).convert("RGB")
+    _, (vw, vh) = _qwen_sizes(image)
+    key = hashlib.sha256(json.dumps([cfg.base, bank.hashes[index], file_hash(image_path), vw, vh, e.instruction,
+                                     e.weight, cfg.seed, cfg.teacher_steps, cfg.guidance]).encode()).hexdigest()[:24]
     path = cfg.cache / "targets" / f"{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
-    image = Image.open(image_path).convert("RGB")
-    (_, _), (vw, vh) = _qwen_sizes(image)
     bank.swap(index)
     use_adapter(pipe.transformer, "teacher")
     student_sched, pipe.scheduler = pipe.scheduler, teacher_scheduler
     try:
-        y = pipe(image=image, prompt=e.instruction, negative_prompt=" ", true_cfg_scale=cfg.guidance,
+        y = pipe(image=image, prompt=e.instruction, negative_prompt="", true_cfg_scale=cfg.guidance,
                  height=vh, width=vw, num_inference_steps=cfg.teacher_steps, output_type="latent",
                  generator=torch.Generator(pipe.transformer.device).manual_seed(cfg.seed)).images
     finally:
@@ -723,7 +722,7 @@ def backward_simulation(transformer, c: EditInputs, sigmas: torch.Tensor, k: int
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- Losses: Coarse-to-Fine Distillation Objective (C2F-DO, paper §3.4) ----
+# ---- Losses: Coarse-to-Fine Distillation Objective (C2F-DO; L_total in paper §4) ----
 # ---------------------------------------------------------------------------------------------
 
 def dmd_loss(x0_hat, real_x0, fake_x0):

@@ -47,7 +47,7 @@ def transformer_out(transformer, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 16, 16, generator=g)
     c = cl.EditInputs(torch.randn(1, 7, 16, generator=g), None, torch.randn(1, 16, 16, generator=g),
-                      [[(1, 4, 4), (1, 4, 4)]], 64, 64)
+                      [[(1, 4, 4), (1, 4, 4)]])
     with torch.no_grad():
         return cl.predict_v(transformer, x, torch.tensor(0.7), c)
 
