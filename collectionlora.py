@@ -429,6 +429,13 @@ def file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 def normalise_lora(lora_file: Path, pipeline_cls, transformer, out_file: Path) -> None:
     """Read any LoRA format diffusers converts (diffusers, peft, kohya, ComfyUI) with the pipeline's
     own `lora_state_dict` and store it as {module}.A (r, in) / {module}.B (out, r) with the LoRA
@@ -533,7 +540,8 @@ class Route:
 class Router:
     """Each period of `route_every` steps: the effect stream with probability p_switch (a uniformly
     drawn effect, whose LoRA becomes the teacher), else the general stream (teacher = base). Within
-    a period each step draws a source image. Every draw is a pure function of (seed, step), so runs
+    a period each step draws a source image. Without --general data every period is an effect period.
+    Every draw is a pure function of (seed, step), so runs
     are reproducible and a resumed run sees the same data; `visits` counts steps per effect."""
 
     def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int):
@@ -647,10 +655,23 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
     finally:
         pipe.scheduler = student_sched
     y = y.float().cpu()  # (1, L, 4C) packed latents
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(y, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    atomic_save(y, path)
     return y
+
+
+def cached_encode(pipe, image_path: Path, prompt: str, cfg: Config) -> EditInputs:
+    """encode(), cached on disk by (base, image content, prompt, sizes) and read back memory-mapped,
+    so the text encoder runs once per distinct input across runs and RAM does not grow with the data."""
+    from PIL import Image
+    image = Image.open(image_path).convert("RGB")
+    key = hashlib.sha256(json.dumps([cfg.base, file_hash(image_path), prompt, _qwen_sizes(image)]).encode()).hexdigest()[:24]
+    path = cfg.cache / "inputs" / f"{key}.pt"
+    if not path.exists():
+        c = encode(pipe, image, prompt)
+        atomic_save({"embeds": c.embeds.cpu(), "image_latents": c.image_latents.cpu(), "img_shapes": c.img_shapes}
+                    | ({} if c.mask is None else {"mask": c.mask.cpu()}), path)
+    d = torch.load(path, mmap=True, weights_only=True)
+    return EditInputs(d["embeds"], d.get("mask"), d["image_latents"], d["img_shapes"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,11 +690,10 @@ class Batch:
 
 class EditData:
     """Encodes every (prompt, source image) the run can draw with the text encoder and VAE once, and
-    computes every teacher target once (cached on disk), so both encoders can leave the GPU before
-    training. Tensors stay on the CPU and move to the device one batch at a time."""
+    computes every teacher target once (both cached on disk), so both encoders can leave the GPU
+    before training. Tensors stay memory-mapped on the CPU and move to the device one batch at a time."""
 
     def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
-        from PIL import Image
         from tqdm.auto import tqdm
         self.effects, self.general = effects, general
         self.pools = [e.images or [g.image for g in general] for e in effects]
@@ -685,7 +705,7 @@ class EditData:
 
         def enc(prompt, path):
             if (prompt, path) not in memo:
-                memo[prompt, path] = encode(pipe, Image.open(path).convert("RGB"), prompt).to("cpu")
+                memo[prompt, path] = cached_encode(pipe, path, prompt, cfg)
             return memo[prompt, path]
 
         jobs = [(i, p) for i, pool in enumerate(self.pools) for p in pool]
@@ -703,6 +723,17 @@ class EditData:
             return Batch(r, student, teacher, negative, "teacher", self.targets[r.effect, path].to(device))
         prompt, negative = (x.to(device) for x in self.general_inputs[r.source])
         return Batch(r, prompt, prompt, negative, None, None)  # general stream: everyone sees the instruction
+
+
+def prepare(pipe, cfg: Config, effects: list, general: list):
+    """Everything before the loop: the teacher slot, the triggers (AOP), every input encoded and every
+    teacher target computed. The pipeline keeps the student's scheduler; the base's own one makes the
+    teacher targets. Returns (TeacherBank, EditData, AOP report)."""
+    pipe.set_progress_bar_config(disable=True)
+    teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)
+    bank = TeacherBank(effects, pipe, cfg.cache)
+    aop = choose_triggers(pipe, effects, cfg.seed)
+    return bank, EditData(pipe, effects, general, bank, cfg, teacher_scheduler), aop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,13 +883,11 @@ def trainable_state(transformer, name: str) -> dict:
 def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, router, gen, extra: dict, keep: int):
     """Everything needed to continue bit-exactly: both LoRAs, both optimisers, router counts, RNG.
     Written to a temporary name and renamed, so a crash never leaves a half-written checkpoint."""
-    folder.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "student": trainable_state(transformer, "student"), "critic": trainable_state(transformer, "critic"),
              "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(),
              "visits": list(router.visits), "gen": gen.get_state(), **extra}
     path = folder / f"step_{step:08d}.pt"
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    atomic_save(state, path)
     for old in sorted(folder.glob("step_*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -941,14 +970,10 @@ def train(cfg: Config) -> Path:
 
     # --- models: ONE base transformer carries the teacher slot, the student and the critic ---
     pipe = load_pipeline(cfg.base, device, dtype, cfg.seed)
-    pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer.requires_grad_(False)
-    teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)
-    bank = TeacherBank(effects, pipe, cfg.cache)
-    aop = choose_triggers(pipe, effects, cfg.seed)
+    bank, data, aop = prepare(pipe, cfg, effects, general)
     print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive "
           f"triggers -> {aop['chosen_max_cos']:.3f} chosen")
-    data = EditData(pipe, effects, general, bank, cfg, teacher_scheduler)
     if device.type == "cuda":  # every input is encoded: the text encoder and VAE can leave the GPU
         pipe.text_encoder.to("cpu"), pipe.vae.to("cpu")
     add_trainable_adapters(transformer, cfg)

@@ -149,12 +149,7 @@ def test_disabled_teacher_is_exactly_the_base(tmp_path):
 def test_gradients_reach_only_the_adapter_being_trained(teachers, tmp_path):
     cfg = tiny_config(teachers, tmp_path)
     pipe = cl.build_tiny_pipeline(0)
-    pipe.set_progress_bar_config(disable=True)
-    effects = cl.read_teachers(cfg.teachers)
-    bank = cl.TeacherBank(effects, pipe, cfg.cache)
-    cl.choose_triggers(pipe, effects, 0)
-    teacher_scheduler, pipe.scheduler = pipe.scheduler, cl.student_scheduler(cfg)
-    data = cl.EditData(pipe, effects, [], bank, cfg, teacher_scheduler)
+    bank, data, _ = cl.prepare(pipe, cfg, cl.read_teachers(cfg.teachers), [])
     cl.add_trainable_adapters(pipe.transformer, cfg)
     with torch.no_grad():  # LoRA B starts at zero, which would hide gradients to A; make every adapter live
         for n, p in pipe.transformer.named_parameters():
@@ -229,7 +224,7 @@ def test_distillation_moves_the_student_towards_every_teacher(trained):
         assert b1 < 0.85 * b0, (before, after)
 
 
-def test_teacher_targets_are_cached(teachers, trained, monkeypatch):
+def test_teacher_targets_and_encodings_are_cached(teachers, trained, monkeypatch):
     cfg = tiny_config(teachers, trained[0])
     pipe = cl.build_tiny_pipeline(0)
     effects = cl.read_teachers(cfg.teachers)
@@ -237,6 +232,10 @@ def test_teacher_targets_are_cached(teachers, trained, monkeypatch):
     monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("teacher re-run despite the cache"))
     y = cl.teacher_target(pipe, bank, 0, effects[0].images[0], cfg, pipe.scheduler)
     assert y.shape == (1, 16, 16) and torch.isfinite(y).all()
+    fresh = cl.encode(pipe, Image.open(effects[0].images[0]).convert("RGB"), effects[0].instruction)
+    monkeypatch.setattr(type(pipe), "encode_prompt", lambda *a, **k: pytest.fail("text encoder re-run despite the cache"))
+    cached = cl.cached_encode(pipe, effects[0].images[0], effects[0].instruction, cfg)
+    assert torch.equal(cached.embeds, fresh.embeds) and torch.equal(cached.image_latents, fresh.image_latents)
 
 
 def test_exported_lora_reproduces_the_student_in_a_stock_pipeline(teachers, trained):

@@ -24,12 +24,7 @@ def main(repeats: int = 30):
         cfg = cl.Config(teachers=str(Path(tmp) / "teachers"), base="tiny", out=str(Path(tmp) / "out"), rank=8, alpha=8.0,
                         teacher_steps=8)
         pipe = cl.build_tiny_pipeline(0)
-        pipe.set_progress_bar_config(disable=True)
-        effects = cl.read_teachers(cfg.teachers)
-        bank = cl.TeacherBank(effects, pipe, cfg.cache)
-        cl.choose_triggers(pipe, effects, 0)
-        teacher_scheduler, pipe.scheduler = pipe.scheduler, cl.student_scheduler(cfg)
-        data = cl.EditData(pipe, effects, [], bank, cfg, teacher_scheduler)
+        bank, data, _ = cl.prepare(pipe, cfg, cl.read_teachers(cfg.teachers), [])
         cl.add_trainable_adapters(pipe.transformer, cfg)
         opt_s = torch.optim.AdamW(cl.adapter_params(pipe.transformer, "student"), cfg.lr)
         opt_c = torch.optim.AdamW(cl.adapter_params(pipe.transformer, "critic"), cfg.critic_lr)
