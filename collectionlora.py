@@ -65,9 +65,7 @@ class InputError(ValueError):
     """Bad user input: reported as one line and exit code 2, never as a traceback."""
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Config ----
-# ---------------------------------------------------------------------------------------------
 
 QWEN_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                        "to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
@@ -145,9 +143,7 @@ def parse_config(argv=None) -> Config:
     return Config(**args)
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Flow-matching maths (diffusers' FlowMatchEulerDiscreteScheduler convention) ----
-# ---------------------------------------------------------------------------------------------
 
 def shift_sigma(sigma, shift: float):
     """Static timestep shift: sigma' = s*sigma / (1 + (s-1)*sigma)."""
@@ -199,11 +195,9 @@ def student_scheduler(cfg: Config):
                                            stochastic_sampling=True)
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Model family: Qwen-Image-Edit (the only family-specific section) ----
 # Everything the algorithm needs from a model family: load a pipeline, encode (prompt, source image)
 # once, and predict v. A second family (FLUX.1 Kontext) replaces exactly these functions.
-# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class EditInputs:
@@ -326,9 +320,7 @@ def build_tiny_pipeline(seed: int = 0):
                                      transformer=transformer)
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Adapters on one shared base: student, critic and the teacher slot ----
-# ---------------------------------------------------------------------------------------------
 
 def use_adapter(transformer, name: str | None):
     """Route the shared base through one adapter; None = the bare base model (general-stream teacher).
@@ -355,9 +347,7 @@ def add_trainable_adapters(transformer, cfg: Config):
             p.data = p.data.float()  # important! trainable LoRA weights stay fp32 under bf16 autocast
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Teacher bank: the --teachers folder, normalised, memory-mapped, swapped into one slot ----
-# ---------------------------------------------------------------------------------------------
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -526,9 +516,7 @@ class TeacherBank:
         self.active = index
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Router: Probabilistic Dual-Stream Routing (PDSR) ----
-# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Route:
@@ -561,9 +549,7 @@ class Router:
         self.visits[r.effect] += 1  # effect -1 is the general stream's slot
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Prompts: Asymmetric Orthogonal Prompting (AOP) ----
-# ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def prompt_embedding(pipe, prompt: str) -> torch.Tensor:
@@ -628,9 +614,7 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dic
             "chosen_max_cos": max_pairwise_cosine(torch.stack(chosen))}
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Teacher targets (the official "base_pred"): the teacher's own full-step output ----
-# ---------------------------------------------------------------------------------------------
 
 def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler):
     """The teacher's output latents for (effect, source image): the stock pipeline with the effect's
@@ -674,9 +658,7 @@ def cached_encode(pipe, image_path: Path, prompt: str, cfg: Config) -> EditInput
     return EditInputs(d["embeds"], d.get("mask"), d["image_latents"], d["img_shapes"])
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Data: every (prompt, image) encoded once, teacher targets computed once ----
-# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Batch:
@@ -736,9 +718,7 @@ def prepare(pipe, cfg: Config, effects: list, general: list):
     return bank, EditData(pipe, effects, general, bank, cfg, teacher_scheduler), aop
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Student sampler with backward simulation (DMD2 §4.5) ----
-# ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def backward_simulation(transformer, c: EditInputs, sigmas: torch.Tensor, k: int, gen: torch.Generator):
@@ -752,9 +732,7 @@ def backward_simulation(transformer, c: EditInputs, sigmas: torch.Tensor, k: int
     return x
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Losses: Coarse-to-Fine Distillation Objective (C2F-DO; L_total in paper §4) ----
-# ---------------------------------------------------------------------------------------------
 
 def dmd_loss(x0_hat, real_x0, fake_x0):
     """Distribution matching (DMD eq. 7) with the DMD2 normaliser: the student moves along
@@ -829,9 +807,7 @@ def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
     return flow_matching_loss(predict_v(transformer, add_noise(x0, eps, sigma), sigma, b.student), x0, eps)
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- One training step ----
-# ---------------------------------------------------------------------------------------------
 
 def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic, cfg: Config, gen, autocast) -> dict:
     """Student every gen_every steps (DMD2 two time-scale rule), then the critic, on the same batch."""
@@ -856,9 +832,7 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
     return logs
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Train loop, checkpoints, export ----
-# ---------------------------------------------------------------------------------------------
 
 def check_config(cfg: Config) -> None:
     rules = [("max_steps", cfg.max_steps >= 1, "a positive number of steps"),
@@ -1029,9 +1003,7 @@ def train(cfg: Config) -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- Inference with the stock pipeline ----
-# ---------------------------------------------------------------------------------------------
 
 def load_student(pipe, lora_dir) -> None:
     """Load an exported student into a stock pipeline: the LoRA and its 8-step scheduler."""
@@ -1052,9 +1024,7 @@ def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type:
                     generator=torch.Generator(device).manual_seed(seed), output_type=output_type).images
 
 
-# ---------------------------------------------------------------------------------------------
 # ---- CLI ----
-# ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
