@@ -128,8 +128,9 @@ class Config:
 
 def parse_config(argv=None) -> Config:
     """The CLI is generated from Config: one flag per field, help = the reason for its default."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="example: python collectionlora.py --teachers my_effects/ --general my_edits/ "
+                                       "--out runs/mine   (README: the teachers-folder format and a CPU demo)")
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(default, bool):
@@ -339,10 +340,11 @@ def adapter_params(transformer, name: str) -> list:
 def add_trainable_adapters(transformer, cfg: Config):
     """Student and critic LoRAs on the same base, both zero at step 0 (student = critic = base)."""
     from peft import LoraConfig
-    warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point
     for name in ("student", "critic"):
-        transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
-                                           init_lora_weights=True), adapter_name=name)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point
+            transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+                                               init_lora_weights=True), adapter_name=name)
         for p in adapter_params(transformer, name):
             p.data = p.data.float()  # important! trainable LoRA weights stay fp32 under bf16 autocast
 
@@ -387,7 +389,10 @@ def read_teachers(folder) -> list:
         meta_file = sub / "effect.json"
         if not meta_file.is_file():
             raise InputError(f"'{sub}' has no effect.json -- add one with {{\"instruction\": \"...\"}}")
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{meta_file} is not valid JSON ({e}) -- fix it, e.g. {{\"instruction\": \"...\"}}") from e
         if not meta.get("instruction"):
             raise InputError(f"{meta_file} has no 'instruction' -- add the prompt this LoRA was trained with")
         effects.append(Effect(sub.name, meta["instruction"], loras[0], list_images(sub / "images"),
@@ -431,7 +436,8 @@ def normalise_lora(lora_file: Path, pipeline_cls, transformer, out_file: Path) -
     own `lora_state_dict` and store it as {module}.A (r, in) / {module}.B (out, r) with the LoRA
     scale alpha/r folded into B. Written once per file content; later runs memory-map it."""
     from safetensors.torch import save_file
-    sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), return_lora_metadata=True)
+    sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), use_safetensors=True,  # never unpickle a LoRA
+                                                return_lora_metadata=True)
     config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}  # peft LoraConfig fields
     modules = dict(transformer.named_modules())
     out = {}
@@ -593,7 +599,7 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dic
         seen[e.trigger] = e.name
     naive, chosen = [], []
     for e in effects:
-        if e.trigger:
+        if e.trigger or e.student_prompt:  # fixed by the user's effect.json
             emb = prompt_embedding(pipe, e.student_prompt or student_prompt_of(e.trigger, e.instruction))
             naive.append(emb)
             chosen.append(emb)
@@ -608,8 +614,13 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dic
             best = 0
         e.trigger = pool[best]
         chosen.append(embs[best])
+    prompts = {}
     for e in effects:
         e.student_prompt = e.student_prompt or student_prompt_of(e.trigger, e.instruction)
+        if e.student_prompt in prompts:
+            raise InputError(f"effects '{prompts[e.student_prompt]}' and '{e.name}' have the same student prompt "
+                             f"'{e.student_prompt}' -- give one of them its own trigger or student_prompt")
+        prompts[e.student_prompt] = e.name
     return {"naive_max_cos": max_pairwise_cosine(torch.stack(naive)),
             "chosen_max_cos": max_pairwise_cosine(torch.stack(chosen))}
 
