@@ -960,7 +960,8 @@ def train(cfg: Config) -> Path:
     print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive "
           f"triggers -> {aop['chosen_max_cos']:.3f} chosen")
     if device.type == "cuda":  # every input is encoded: the text encoder and VAE can leave the GPU
-        pipe.text_encoder.to("cpu"), pipe.vae.to("cpu")
+        pipe.text_encoder.to("cpu")
+        pipe.vae.to("cpu")
     add_trainable_adapters(transformer, cfg)
     if device.type == "cuda" and cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
