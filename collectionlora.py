@@ -1026,7 +1026,7 @@ def load_student(pipe, lora_dir) -> None:
 
 @torch.no_grad()
 def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type: str = "pil"):
-    """Few-step editing with the stock pipeline (no CFG: the student was distilled with it). The
+    """Few-step editing with the stock pipeline, without CFG (the student was distilled to need none). The
     stochastic scheduler re-noises with torch's global RNG, so it is seeded inside a forked RNG."""
     _, (vw, vh) = _qwen_sizes(image)
     device = pipe.transformer.device
