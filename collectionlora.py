@@ -213,10 +213,6 @@ class EditInputs:
         return dataclasses.replace(self, embeds=move(self.embeds), mask=move(self.mask),
                                    image_latents=move(self.image_latents))
 
-    @property
-    def noise_shape(self):
-        return self.image_latents.shape  # the output has the source's size: (1, L, 4C)
-
 
 def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """The base editing pipeline: a hub id / local folder, or 'tiny' (random, built in code)."""
@@ -475,7 +471,7 @@ class TeacherBank:
     def __init__(self, effects: list, pipe, cache: Path):
         from peft import LoraConfig
         from safetensors import safe_open
-        self.effects, self.transformer, self.active = effects, pipe.transformer, "none"
+        self.effects, self.active = effects, None
         (cache / "loras").mkdir(parents=True, exist_ok=True)
         self.files, self.hashes = [], []
         for e in effects:
@@ -492,8 +488,7 @@ class TeacherBank:
                     if k.endswith(".A"):
                         shapes[k[:-2]] = max(shapes.get(k[:-2], 0), sf.get_slice(k).get_shape()[0])
         self.rank = max(shapes.values())
-        self.modules = sorted(shapes)
-        pipe.transformer.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=self.modules,
+        pipe.transformer.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=sorted(shapes),
                                                 init_lora_weights=False), adapter_name="teacher")
         self.slot = {n: m for n, m in pipe.transformer.named_modules() if n in shapes}
         for p in adapter_params(pipe.transformer, "teacher"):
@@ -535,13 +530,12 @@ class Router:
     """Each period of `route_every` steps: the effect stream with probability p_switch (a uniformly
     drawn effect, whose LoRA becomes the teacher), else the general stream (teacher = base). Within
     a period each step draws a source image. Without --general data every period is an effect period.
-    Every draw is a pure function of (seed, step), so runs
-    are reproducible and a resumed run sees the same data; `visits` counts steps per effect."""
+    Every draw is a pure function of (seed, step), so runs are reproducible, a resumed run sees the
+    same data, and the visit counts need no state."""
 
     def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int):
         self.n_effects, self.pool_sizes, self.n_general = n_effects, pool_sizes, n_general
         self.p_switch, self.route_every, self.seed = p_switch, route_every, seed
-        self.visits = [0] * (n_effects + 1)  # last entry: general stream
 
     def route(self, step: int) -> Route:
         period = random.Random(f"{self.seed}/period/{step // self.route_every}")
@@ -551,21 +545,22 @@ class Router:
         source = random.Random(f"{self.seed}/step/{step}").randrange(pool)
         return Route("effect" if effect_stream else "general", effect, source)
 
-    def count(self, r: Route) -> None:
-        self.visits[r.effect] += 1  # effect -1 is the general stream's slot
+    def visits(self, steps: int) -> list:
+        """Steps per effect over the first `steps` steps; the last entry is the general stream."""
+        counts = [0] * (self.n_effects + 1)
+        for step in range(steps):
+            counts[self.route(step).effect] += 1  # effect -1 is the general stream's slot
+        return counts
 
 
 # ---- Prompts: Asymmetric Orthogonal Prompting (AOP) ----
 
 @torch.no_grad()
 def prompt_embedding(pipe, prompt: str) -> torch.Tensor:
-    """What 'orthogonal' is measured on: the text encoder's states for the prompt (no image), averaged
-    over tokens, minus the same for the empty prompt so the shared chat template does not dominate."""
-    def mean_state(p):
-        embeds, mask = pipe.encode_prompt(prompt=[p], image=None, device=pipe.text_encoder.device)
-        keep = torch.ones(embeds.shape[:2], device=embeds.device) if mask is None else mask.float()
-        return (embeds.float() * keep[..., None]).sum(1)[0] / keep.sum()  # (D,)
-    return mean_state(prompt) - mean_state("")
+    """The text encoder's states for a prompt (no image), averaged over its tokens: (D,)."""
+    embeds, mask = pipe.encode_prompt(prompt=[prompt], image=None, device=pipe.text_encoder.device)
+    keep = torch.ones(embeds.shape[:2], device=embeds.device) if mask is None else mask.float()
+    return (embeds.float() * keep[..., None]).sum(1)[0] / keep.sum()
 
 
 def max_pairwise_cosine(vectors: torch.Tensor) -> float:
@@ -590,6 +585,11 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dic
     cosine to the prompts chosen so far. Fills e.trigger / e.student_prompt in place and returns the
     largest pairwise cosine of the naive choice (first candidate) and of the chosen one."""
     rng = random.Random(f"{seed}/triggers")
+    empty = prompt_embedding(pipe, "")  # subtracted, so the shared chat template does not dominate the cosine
+
+    def embed(prompt):
+        return prompt_embedding(pipe, prompt) - empty
+
     fixed = [e for e in effects if e.trigger]
     seen = {}
     for e in fixed:
@@ -600,12 +600,12 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dic
     naive, chosen = [], []
     for e in effects:
         if e.trigger or e.student_prompt:  # fixed by the user's effect.json
-            emb = prompt_embedding(pipe, e.student_prompt or student_prompt_of(e.trigger, e.instruction))
+            emb = embed(e.student_prompt or student_prompt_of(e.trigger, e.instruction))
             naive.append(emb)
             chosen.append(emb)
             continue
         pool = [random_trigger(rng, e.name) for _ in range(candidates)]
-        embs = [prompt_embedding(pipe, student_prompt_of(t, e.instruction)) for t in pool]
+        embs = [embed(student_prompt_of(t, e.instruction)) for t in pool]
         naive.append(embs[0])
         if chosen:
             worst = [max_pairwise_cosine(torch.stack(chosen + [x])) for x in embs]
@@ -688,7 +688,7 @@ class EditData:
 
     def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
         from tqdm.auto import tqdm
-        self.effects, self.general = effects, general
+        self.effects = effects
         self.pools = [e.images or [g.image for g in general] for e in effects]
         for e, pool in zip(effects, self.pools):
             if not pool:
@@ -735,7 +735,7 @@ def prepare(pipe, cfg: Config, effects: list, general: list):
 def backward_simulation(transformer, c: EditInputs, sigmas: torch.Tensor, k: int, gen: torch.Generator):
     """Run the student's own sampler from pure noise for k steps: predict x0, re-noise it to the next
     sigma with fresh noise. Returns x at sigmas[k] (k < steps), or the final sample x0 (k = steps)."""
-    x = torch.randn(c.noise_shape, generator=gen, device=gen.device)  # (1, L, 4C) at sigma = 1
+    x = torch.randn(c.image_latents.shape, generator=gen, device=gen.device)  # (1, L, 4C) at sigma 1: output = source size
     for i in range(k):
         x0 = x0_from_v(x, predict_v(transformer, x, sigmas[i], c), sigmas[i])
         x = add_noise(x0, torch.randn(x0.shape, generator=gen, device=gen.device), sigmas[i + 1]) \
@@ -846,31 +846,29 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
 # ---- Train loop, checkpoints, export ----
 
 def check_config(cfg: Config) -> None:
-    rules = [("max_steps", cfg.max_steps >= 1, "a positive number of steps"),
-             ("p_switch", 0.0 <= cfg.p_switch <= 1.0, "a probability in [0, 1]"),
-             ("lr", cfg.lr > 0, "a positive learning rate"), ("critic_lr", cfg.critic_lr > 0, "a positive learning rate"),
-             ("gen_every", cfg.gen_every >= 1, "at least 1"), ("route_every", cfg.route_every >= 1, "at least 1"),
-             ("rank", cfg.rank >= 1, "at least 1"), ("student_steps", cfg.student_steps >= 1, "at least 1"),
-             ("ts_last_k", 1 <= cfg.ts_last_k <= cfg.student_steps, "between 1 and --student_steps"),
-             ("save_every", cfg.save_every >= 1, "at least 1"), ("log_every", cfg.log_every >= 1, "at least 1"),
-             ("keep_checkpoints", cfg.keep_checkpoints >= 1, "at least 1")]
-    for flag, ok, want in rules:
+    c = cfg
+    rules = [("max_steps", c.max_steps, c.max_steps >= 1), ("p_switch", c.p_switch, 0 <= c.p_switch <= 1),
+             ("lr", c.lr, c.lr > 0), ("critic_lr", c.critic_lr, c.critic_lr > 0), ("rank", c.rank, c.rank >= 1),
+             ("gen_every", c.gen_every, c.gen_every >= 1), ("route_every", c.route_every, c.route_every >= 1),
+             ("student_steps", c.student_steps, c.student_steps >= 1), ("save_every", c.save_every, c.save_every >= 1),
+             ("ts_last_k", c.ts_last_k, 1 <= c.ts_last_k <= c.student_steps), ("log_every", c.log_every, c.log_every >= 1),
+             ("keep_checkpoints", c.keep_checkpoints, c.keep_checkpoints >= 1)]
+    for flag, value, ok in rules:
         if not ok:
-            raise InputError(f"--{flag} {getattr(cfg, flag)} is invalid -- use {want}")
+            raise InputError(f"--{flag} {value} is invalid -- see `--help` for its meaning and default")
     if not cfg.teachers:
         raise InputError("--teachers is required -- pass a folder with one sub-folder per effect (see --help)")
 
 
-def trainable_state(transformer, name: str) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in transformer.named_parameters() if f".{name}." in n}
-
-
-def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, router, gen, extra: dict, keep: int):
-    """Everything needed to continue bit-exactly: both LoRAs, both optimisers, router counts, RNG.
-    Written to a temporary name and renamed, so a crash never leaves a half-written checkpoint."""
-    state = {"step": step, "student": trainable_state(transformer, "student"), "critic": trainable_state(transformer, "critic"),
-             "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(),
-             "visits": list(router.visits), "gen": gen.get_state(), **extra}
+def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, gen, keep: int):
+    """Everything needed to continue bit-exactly: both LoRAs, both optimisers and the RNG (the router
+    needs nothing: its draws are a function of the step). Written to a temporary name and renamed,
+    so a crash never leaves a half-written checkpoint."""
+    from peft.utils import get_peft_model_state_dict
+    state = {"step": step, "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(),
+             "gen": gen.get_state(), **{name: {k: v.detach().cpu().clone() for k, v in
+                                               get_peft_model_state_dict(transformer, adapter_name=name).items()}
+                                        for name in ("student", "critic")}}
     path = folder / f"step_{step:08d}.pt"
     atomic_save(state, path)
     for old in sorted(folder.glob("step_*.pt"))[:-keep]:
@@ -878,18 +876,16 @@ def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_criti
     return path
 
 
-def load_checkpoint(path: Path, transformer, opt_student, opt_critic, router, gen) -> dict:
+def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> int:
+    """Restore a save_checkpoint() file in place; returns its step."""
+    from peft.utils import set_peft_model_state_dict
     state = torch.load(path, weights_only=True, map_location="cpu")  # weights only: nothing is executed
-    params = dict(transformer.named_parameters())
-    with torch.no_grad():
-        for name in ("student", "critic"):
-            for n, t in state[name].items():
-                params[n].copy_(t)
+    for name in ("student", "critic"):
+        set_peft_model_state_dict(transformer, state[name], adapter_name=name)
     opt_student.load_state_dict(state["opt_student"])
     opt_critic.load_state_dict(state["opt_critic"])
-    router.visits = list(state["visits"])
     gen.set_state(state["gen"])
-    return state
+    return state["step"]
 
 
 def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict) -> Path:
@@ -921,7 +917,7 @@ def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict
 
 
 @torch.no_grad()
-def distances_to_teachers(transformer, data: EditData, sigmas, seeds=(0, 1)) -> list:
+def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | None, seeds=(0, 1)) -> list:
     """Per effect: mean squared distance between the student's 8-step output (latents) and the
     teacher's full-step output, on the effect's first source image. A private RNG keeps training
     reproducible whether or not this runs."""
@@ -930,7 +926,7 @@ def distances_to_teachers(transformer, data: EditData, sigmas, seeds=(0, 1)) -> 
         path = data.pools[i][0]
         c = data.effect_inputs[i, path][0].to(sigmas.device)
         y = data.targets[i, path].to(sigmas.device)
-        use_adapter(transformer, "student")
+        use_adapter(transformer, adapter)
         d = [F.mse_loss(backward_simulation(transformer, c, sigmas, len(sigmas),
                                             torch.Generator(sigmas.device).manual_seed(s)), y).item() for s in seeds]
         out.append(sum(d) / len(d))
@@ -973,20 +969,16 @@ def train(cfg: Config) -> Path:
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    start, before = 0, None
+    start = 0
     if cfg.resume:
-        state = load_checkpoint(previous[-1], transformer, opt_student, opt_critic, router, gen)
-        start, before = state["step"], state["before"]
+        start = load_checkpoint(previous[-1], transformer, opt_student, opt_critic, gen)
         print(f"resumed from {previous[-1]} at step {start}")
-    if before is None:
-        before = distances_to_teachers(transformer, data, sigmas)
 
     # --- the loop: critic every step, student every gen_every ---
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="distilling", dynamic_ncols=True)
     t0, student_logs = time.time(), {}
     for step in bar:
         route = router.route(step)
-        router.count(route)
         if route.stream == "effect":
             bank.swap(route.effect)
         b = data.batch(route, device)
@@ -999,12 +991,13 @@ def train(cfg: Config) -> Path:
             bar.write(f"step {step + 1}/{cfg.max_steps} | {what} | " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                       + f" | {(time.time() - t0) / (step + 1 - start):.3f} s/step")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(ckpt_dir, step + 1, transformer, opt_student, opt_critic, router, gen,
-                            {"before": before}, cfg.keep_checkpoints)
+            save_checkpoint(ckpt_dir, step + 1, transformer, opt_student, opt_critic, gen, cfg.keep_checkpoints)
     bar.close()
 
-    after = distances_to_teachers(transformer, data, sigmas)
-    visits = {e.name: v for e, v in zip(effects, router.visits)} | {"general": router.visits[-1]}
+    # the untrained student (LoRA B = 0) is exactly the base, so "before" needs no stored state
+    before, after = (distances_to_teachers(transformer, data, sigmas, adapter) for adapter in (None, "student"))
+    counts = router.visits(cfg.max_steps)
+    visits = {e.name: v for e, v in zip(effects, counts)} | {"general": counts[-1]}
     out = export_lora(pipe, cfg, effects, bank, {"aop": aop, "router_visits": visits,
                                                  "distance_to_teacher": {"before": before, "after": after}})
     print("student 8-step output vs teacher output (latent MSE), before -> after:")
