@@ -25,13 +25,11 @@ Use the result in stock diffusers:
     pipe(image=img, prompt=student_prompt, num_inference_steps=8, true_cfg_scale=1.0)
 
 Deviations from the official code (causvid/), each on purpose:
- 1. Teacher targets ("base_pred" images) are computed by the teacher itself (stock pipeline, 40 steps,
-    CFG) and cached on disk, instead of being precomputed by hand.
- 2. Teachers live in ONE rank-padded `teacher` adapter slot on the shared base transformer (exact, see
-    TeacherBank); the official code reloads LoRA files. Any LoRA format diffusers reads is accepted.
- 3. The stream (PDSR) is redrawn every `route_every` steps as in the code (the paper draws every
-    step); the effect is drawn with it, so a teacher swap happens at most once per period. Draws are a
-    pure function of (seed, step), so a resumed run sees exactly the same data.
+ 1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline) and cached, not made by hand.
+ 2. All teachers share ONE exact rank-padded `teacher` adapter slot on the base (TeacherBank); any LoRA
+    format diffusers reads is accepted.
+ 3. The stream (PDSR) and its effect are redrawn every `route_every` steps as in the code (the paper:
+    every step), as a pure function of (seed, step), so a resumed run sees exactly the same data.
  4. Target-simulation inputs come from the last `ts_last_k` student sigmas (code), not tau_max (paper).
  5. CFG uses the diffusers convention uncond + g(cond - uncond); g = 5 equals the official
     cond + 4(cond - uncond). The teacher targets come from the stock pipeline, whose true-CFG also
@@ -46,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -673,7 +672,6 @@ def cached_encode(pipe, image_path: Path, prompt: str, cfg: Config) -> EditInput
 
 @dataclass
 class Batch:
-    route: Route
     student: EditInputs             # AOP: the student's (and critic's) prompt
     teacher: EditInputs             # AOP: the teacher's own instruction
     negative: EditInputs            # empty prompt: the unconditional branch of CFG
@@ -694,12 +692,7 @@ class EditData:
             if not pool:
                 raise InputError(f"effect '{e.name}' has no images/ folder and there is no --general folder "
                                  f"to borrow source images from -- add one of them")
-        memo = {}
-
-        def enc(prompt, path):
-            if (prompt, path) not in memo:
-                memo[prompt, path] = cached_encode(pipe, path, prompt, cfg)
-            return memo[prompt, path]
+        enc = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg))
 
         jobs = [(i, p) for i, pool in enumerate(self.pools) for p in pool]
         self.effect_inputs, self.targets = {}, {}
@@ -713,9 +706,9 @@ class EditData:
         if r.stream == "effect":
             path = self.pools[r.effect][r.source]
             student, teacher, negative = (x.to(device) for x in self.effect_inputs[r.effect, path])
-            return Batch(r, student, teacher, negative, "teacher", self.targets[r.effect, path].to(device))
+            return Batch(student, teacher, negative, "teacher", self.targets[r.effect, path].to(device))
         prompt, negative = (x.to(device) for x in self.general_inputs[r.source])
-        return Batch(r, prompt, prompt, negative, None, None)  # general stream: everyone sees the instruction
+        return Batch(prompt, prompt, negative, None, None)  # general stream: everyone sees the instruction
 
 
 def prepare(pipe, cfg: Config, effects: list, general: list):
