@@ -376,6 +376,8 @@ def read_teachers(folder) -> list:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--teachers '{folder}' is not a folder -- pass a folder with one sub-folder per effect")
+    if (folder / "effect.json").is_file() or any(folder.glob("*.safetensors")):
+        raise InputError(f"--teachers '{folder}' looks like ONE effect -- pass its parent folder (one sub-folder per effect)")
     effects = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         loras = sorted(sub.glob("*.safetensors"))

@@ -307,6 +307,7 @@ def test_cli_help_lists_every_config_knob():
 
 @pytest.mark.parametrize("args, message", [
     (["--teachers", "does/not/exist"], "--teachers 'does/not/exist' is not a folder"),
+    (["--teachers", "examples/tiny_teachers/warm_glow"], "looks like ONE effect -- pass its parent folder"),
     (["--teachers", "examples/tiny_teachers", "--p_switch", "1.5"], "--p_switch 1.5 is invalid"),
     (["--teachers", "examples/tiny_teachers", "--max_steps", "0"], "--max_steps 0 is invalid"),
 ])
