@@ -50,7 +50,9 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -62,6 +64,14 @@ import torch.nn.functional as F
 
 class InputError(ValueError):
     """Bad user input: reported as one line and exit code 2, never as a traceback."""
+
+
+class Stopped(RuntimeError):
+    """Training stopped early after writing a checkpoint (a signal, or non-finite losses); `code` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 # ---- Config ----
@@ -117,6 +127,8 @@ class Config:
     save_every: int = knob(500, "checkpoint every N steps (atomic)")
     keep_checkpoints: int = knob(2, "keep the last K checkpoints (each holds both LoRAs and both Adam states)")
     resume: bool = knob(False, "continue from the last checkpoint in <out>/checkpoints")
+    overwrite: bool = knob(False, "start afresh in an --out that holds a previous run (its cache is kept)")
+    max_nonfinite: int = knob(10, "skip steps with a non-finite loss; after this many in a row, checkpoint and stop")
     device: str = knob("auto", "auto = cuda if available else cpu")
     gradient_checkpointing: bool = knob(True, "recompute activations on CUDA to fit rank-128 training on one GPU")
 
@@ -125,9 +137,14 @@ class Config:
         return Path(self.cache_dir or Path(self.out) / "cache")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we print one line (exit 2, as argparse)
+        sys.exit(print(f"error: {message} -- see --help", file=sys.stderr) or 2)
+
+
 def parse_config(argv=None) -> Config:
     """The CLI is generated from Config: one flag per field, help = the reason for its default."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineErrors(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="example: python collectionlora.py --teachers my_effects/ --general my_edits/ "
                                        "--out runs/mine   (README: the teachers-folder format and a CPU demo)")
     for f in dataclasses.fields(Config):
@@ -218,11 +235,16 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
     if base == "tiny":
         return build_tiny_pipeline(seed).to(device)
     from diffusers import QwenImageEditPlusPipeline
+    from huggingface_hub import constants
+    if Path(base).exists() and not (Path(base) / "model_index.json").is_file():
+        raise InputError(f"--base '{base}' is not a diffusers pipeline folder (no model_index.json) -- pass the "
+                         f"folder `hf download Qwen/Qwen-Image-Edit-2509 --local-dir <folder>` writes, or a hub id")
     try:
-        return QwenImageEditPlusPipeline.from_pretrained(base, torch_dtype=dtype).to(device)
-    except OSError as e:
-        raise InputError(f"--base '{base}' could not be loaded ({str(e).splitlines()[0][:120]}) -- pass a local "
-                         f"folder, or download it first with `hf download {base}`") from e
+        return QwenImageEditPlusPipeline.from_pretrained(base, dtype=dtype, local_files_only=constants.HF_HUB_OFFLINE
+                                                         ).to(device)
+    except (OSError, ValueError) as e:  # not cached and no network, or not a valid repo id
+        raise InputError(f"--base '{base}' could not be loaded: {str(e).splitlines()[0][:160]} -- download it first "
+                         f"with `hf download {base}` where there is internet, or pass a local folder") from e
 
 
 def _qwen_sizes(image):
@@ -367,33 +389,54 @@ class GeneralEdit:
 
 
 def list_images(folder: Path) -> list:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+    """The images in a folder, each checked to open and decode (a bad one is an InputError naming it)."""
+    from PIL import Image
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+    for p in images:
+        try:
+            with Image.open(p) as im:
+                im.load()
+        except Exception as e:  # zero-size, truncated, not an image, no permission ...
+            raise InputError(f"image {p} cannot be read ({type(e).__name__}: {e}) -- replace or delete it") from e
+    return images
 
 
 def read_teachers(folder) -> list:
     """--teachers format: <folder>/<effect>/{*.safetensors, effect.json, images/}; effect.json needs
-    "instruction" and may set "trigger", "student_prompt", "weight"."""
+    "instruction" and may set "trigger", "student_prompt", "weight". Reads and checks, writes nothing."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--teachers '{folder}' is not a folder -- pass a folder with one sub-folder per effect")
     if (folder / "effect.json").is_file() or any(folder.glob("*.safetensors")):
         raise InputError(f"--teachers '{folder}' looks like ONE effect -- pass its parent folder (one sub-folder per effect)")
-    effects = []
+    effects, triggers = [], {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         loras = sorted(sub.glob("*.safetensors"))
         if len(loras) != 1:
-            raise InputError(f"'{sub}' must hold exactly one *.safetensors LoRA file, found {len(loras)}")
+            raise InputError(f"'{sub}' must hold exactly one *.safetensors LoRA file, found {len(loras)} -- keep one "
+                             f"(.bin/.pt/.ckpt files are never read: they can execute code; convert them)")
         meta_file = sub / "effect.json"
         if not meta_file.is_file():
             raise InputError(f"'{sub}' has no effect.json -- add one with {{\"instruction\": \"...\"}}")
         try:
             meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{meta_file} is not valid JSON ({e}) -- fix it, e.g. {{\"instruction\": \"...\"}}") from e
+            meta = {**meta, "weight": float(meta.get("weight", 1.0))}  # not a dict / weight not a number: error
+        except (ValueError, TypeError, AttributeError) as e:
+            raise InputError(f"{meta_file} is not valid ({e}) -- it must be a JSON object like "
+                             f"{{\"instruction\": \"...\", \"weight\": 1.0}}") from e
         if not meta.get("instruction"):
             raise InputError(f"{meta_file} has no 'instruction' -- add the prompt this LoRA was trained with")
-        effects.append(Effect(sub.name, meta["instruction"], loras[0], list_images(sub / "images"),
-                              meta.get("trigger", ""), meta.get("student_prompt", ""), float(meta.get("weight", 1.0))))
+        images = list_images(sub / "images")
+        if (sub / "images").is_dir() and not images:
+            raise InputError(f"'{sub / 'images'}' holds no images ({', '.join(IMAGE_EXTS)}) -- add some or remove it")
+        e = Effect(sub.name, meta["instruction"], loras[0], images, meta.get("trigger", ""),
+                   meta.get("student_prompt", ""), meta["weight"])
+        if e.trigger in triggers:  # empty (automatic) triggers are never stored
+            raise InputError(f"effects '{triggers[e.trigger]}' and '{e.name}' share the trigger '{e.trigger}' -- "
+                             f"make it unique in one effect.json")
+        if e.trigger:
+            triggers[e.trigger] = e.name
+        effects.append(e)
     if not effects:
         raise InputError(f"--teachers '{folder}' has no effect sub-folders -- see README 'The teachers folder'")
     return effects
@@ -413,6 +456,16 @@ def read_general(folder) -> list:
     return edits
 
 
+def read_inputs(cfg: Config):
+    """Both user folders, read and checked before anything is written. Returns (effects, general edits)."""
+    effects, general = read_teachers(cfg.teachers), read_general(cfg.general)
+    for e in effects:
+        if not e.images and not general:
+            raise InputError(f"effect '{e.name}' has no images/ folder and there is no --general folder "
+                             f"to borrow source images from -- add one of them")
+    return effects, general
+
+
 def file_hash(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -428,21 +481,30 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def normalise_lora(lora_file: Path, pipeline_cls, transformer, out_file: Path) -> None:
+def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
     """Read any LoRA format diffusers converts (diffusers, peft, kohya, ComfyUI) with the pipeline's
-    own `lora_state_dict` and store it as {module}.A (r, in) / {module}.B (out, r) with the LoRA
-    scale alpha/r folded into B. Written once per file content; later runs memory-map it."""
-    from safetensors.torch import save_file
-    sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), use_safetensors=True,  # never unpickle a LoRA
-                                                return_lora_metadata=True)
+    own `lora_state_dict`, check it against the base, and return it as {module}.A (r, in) /
+    {module}.B (out, r) with the LoRA scale alpha/r folded into B. Anything wrong is an InputError."""
+    try:
+        sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), use_safetensors=True,  # never unpickle a LoRA
+                                                    return_lora_metadata=True)
+    except Exception as e:  # not safetensors, truncated, or a layout diffusers cannot convert
+        raise InputError(f"{lora_file} is not a readable safetensors LoRA ({type(e).__name__}: "
+                         f"{str(e)[:100]}) -- re-download or re-export it") from e
     config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}  # peft LoraConfig fields
     modules = dict(transformer.named_modules())
-    out = {}
+    out, unmatched = {}, []
     for key, A in sd.items():
         if ".lora_A." not in key:
             continue
         module = key.split(".lora_A.")[0].removeprefix("transformer.").removeprefix("base_model.model.")
-        B = sd[key.replace(".lora_A.", ".lora_B.")]
+        if module not in modules:
+            unmatched.append(key)
+            continue
+        B, W = sd.get(key.replace(".lora_A.", ".lora_B."), torch.empty(0, 0)), modules[module].weight
+        if B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != W.shape[:2]:  # (a missing B is 0 x 0)
+            raise InputError(f"{lora_file}: '{module}' has LoRA shapes {tuple(B.shape)} x {tuple(A.shape)}, the base "
+                             f"needs ({W.shape[0]}, r) x (r, {W.shape[1]}) -- is this LoRA for another model size?")
         rank = A.shape[0]
         # diffusers files carry alpha in their peft config (metadata); kohya/ComfyUI alphas are folded
         # into the weights by lora_state_dict; files with neither mean alpha = rank (diffusers' rule).
@@ -452,14 +514,14 @@ def normalise_lora(lora_file: Path, pipeline_cls, transformer, out_file: Path) -
                 alpha = a
         out[f"{module}.A"] = A.float().contiguous()
         out[f"{module}.B"] = (B.float() * (alpha / rank)).contiguous()
-        if module not in modules:
-            raise InputError(f"{lora_file}: module '{module}' is not in the base transformer -- "
-                             f"is this LoRA made for another base model?")
+        if not (out[f"{module}.A"].isfinite().all() and out[f"{module}.B"].isfinite().all()):
+            raise InputError(f"{lora_file}: '{module}' holds NaN/inf weights -- the file is broken, re-export it")
+    if unmatched:
+        raise InputError(f"{lora_file}: {len(unmatched)} LoRA keys match no module of the base transformer (e.g. "
+                         f"{', '.join(unmatched[:3])}) -- is this LoRA made for another base model?")
     if not out:
-        raise InputError(f"{lora_file}: no LoRA (lora_A/lora_B) weights found after conversion")
-    tmp = out_file.with_suffix(".tmp")
-    save_file(out, str(tmp))
-    os.replace(tmp, out_file)
+        raise InputError(f"{lora_file} holds no LoRA weights (lora_A/lora_B, lora_down/lora_up) -- is it a LoRA?")
+    return out
 
 
 class TeacherBank:
@@ -472,16 +534,18 @@ class TeacherBank:
     def __init__(self, effects: list, pipe, cache: Path):
         from peft import LoraConfig
         from safetensors import safe_open
+        from safetensors.torch import save_file
         self.effects, self.active = effects, None
-        (cache / "loras").mkdir(parents=True, exist_ok=True)
-        self.files, self.hashes = [], []
-        for e in effects:
-            h = file_hash(e.lora_file)
-            f = cache / "loras" / f"{h}.safetensors"
-            if not f.exists():
-                normalise_lora(e.lora_file, type(pipe), pipe.transformer, f)
-            self.files.append(f)
-            self.hashes.append(h)
+        base_tag = hashlib.sha256(repr(sorted(pipe.transformer.config.items())).encode()).hexdigest()[:8]
+        self.hashes = [file_hash(e.lora_file) for e in effects]  # content hashes: a changed file is a new teacher
+        self.files = [cache / "loras" / f"{h}-{base_tag}.safetensors" for h in self.hashes]
+        new = [(e, f) for e, f in zip(effects, self.files) if not f.exists()]
+        for e, _ in new:  # check every new file before writing any: a bad teacher leaves nothing behind
+            read_lora(e.lora_file, type(pipe), pipe.transformer)
+        for e, f in new:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            save_file(read_lora(e.lora_file, type(pipe), pipe.transformer), str(f.with_suffix(".tmp")))
+            os.replace(f.with_suffix(".tmp"), f)
         shapes = {}  # module -> max rank
         for f in self.files:
             with safe_open(str(f), framework="pt") as sf:
@@ -508,11 +572,8 @@ class TeacherBank:
                 A_slot, B_slot = module.lora_A["teacher"].weight, module.lora_B["teacher"].weight
                 A_slot.zero_()
                 B_slot.zero_()
-                if f"{name}.A" in keys:
+                if f"{name}.A" in keys:  # shapes were checked against the base by read_lora
                     A, B = sf.get_tensor(f"{name}.A"), sf.get_tensor(f"{name}.B")
-                    if A.shape[1] != A_slot.shape[1] or B.shape[0] != B_slot.shape[0]:
-                        raise InputError(f"{self.effects[index].lora_file}: '{name}' has shape {tuple(B.shape)}x"
-                                         f"{tuple(A.shape)}, the base expects ({B_slot.shape[0]}, r)x(r, {A_slot.shape[1]})")
                     A_slot[: A.shape[0]] = A.to(A_slot)
                     B_slot[:, : B.shape[1]] = (B * weight).to(B_slot)
         self.active = index
@@ -591,13 +652,6 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dic
     def embed(prompt):
         return prompt_embedding(pipe, prompt) - empty
 
-    fixed = [e for e in effects if e.trigger]
-    seen = {}
-    for e in fixed:
-        if e.trigger in seen:
-            raise InputError(f"effects '{seen[e.trigger]}' and '{e.name}' share the trigger '{e.trigger}' -- "
-                             f"make it unique in one effect.json")
-        seen[e.trigger] = e.name
     naive, chosen = [], []
     for e in effects:
         if e.trigger or e.student_prompt:  # fixed by the user's effect.json
@@ -689,11 +743,7 @@ class EditData:
     def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
         from tqdm.auto import tqdm
         self.effects = effects
-        self.pools = [e.images or [g.image for g in general] for e in effects]
-        for e, pool in zip(effects, self.pools):
-            if not pool:
-                raise InputError(f"effect '{e.name}' has no images/ folder and there is no --general folder "
-                                 f"to borrow source images from -- add one of them")
+        self.pools = [e.images or [g.image for g in general] for e in effects]  # read_inputs: none is empty
         enc = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg))
 
         jobs = [(i, p) for i, pool in enumerate(self.pools) for p in pool]
@@ -719,8 +769,8 @@ def prepare(pipe, cfg: Config, effects: list, general: list):
     teacher targets. Returns (TeacherBank, EditData, AOP report)."""
     pipe.set_progress_bar_config(disable=True)
     teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)
+    aop = choose_triggers(pipe, effects, cfg.seed)  # may still refuse the input: before anything is written
     bank = TeacherBank(effects, pipe, cfg.cache)
-    aop = choose_triggers(pipe, effects, cfg.seed)
     return bank, EditData(pipe, effects, general, bank, cfg, teacher_scheduler), aop
 
 
@@ -815,44 +865,78 @@ def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
 
 # ---- One training step ----
 
+def apply_update(loss, optimiser, clip: float) -> bool:
+    """backward, clip, step -- unless the loss or its gradient is NaN/inf: then nothing changes
+    (Adam's moments would be poisoned for good) and False is returned."""
+    optimiser.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    if not torch.isfinite(torch.nn.utils.clip_grad_norm_(optimiser.param_groups[0]["params"], clip)):
+        optimiser.zero_grad(set_to_none=True)
+        return False
+    optimiser.step()
+    return True
+
+
 def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic, cfg: Config, gen, autocast) -> dict:
-    """Student every gen_every steps (DMD2 two time-scale rule), then the critic, on the same batch."""
-    logs = {}
+    """Student every gen_every steps (DMD2 two time-scale rule), then the critic, on the same batch.
+    Returns the losses; "skipped" lists the updates dropped because a loss was not finite."""
+    logs, skipped = {}, []
     if step % cfg.gen_every == 0:
         with autocast:
             losses = student_loss(transformer, b, sigmas, cfg, gen)
         weights = {"dmd": 1.0, "ts": cfg.w_ts, "fm": cfg.w_fm}
-        total = sum(weights[k] * v for k, v in losses.items())
-        opt_student.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(opt_student.param_groups[0]["params"], cfg.grad_clip)
-        opt_student.step()
+        if not apply_update(sum(weights[k] * v for k, v in losses.items()), opt_student, cfg.grad_clip):
+            skipped.append(f"student ({', '.join(k for k, v in losses.items() if not v.isfinite()) or 'gradient'})")
         logs.update({k: v.item() for k, v in losses.items()})
     with autocast:
         loss = critic_loss(transformer, b, sigmas, cfg, gen)
-    opt_critic.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(opt_critic.param_groups[0]["params"], cfg.grad_clip)
-    opt_critic.step()
-    logs["critic"] = loss.item()
-    return logs
+    if not apply_update(loss, opt_critic, cfg.grad_clip):
+        skipped.append("critic")
+    return logs | {"critic": loss.item(), "skipped": skipped}
 
 
 # ---- Train loop, checkpoints, export ----
 
-def check_config(cfg: Config) -> None:
-    c = cfg
-    rules = [("max_steps", c.max_steps, c.max_steps >= 1), ("p_switch", c.p_switch, 0 <= c.p_switch <= 1),
-             ("lr", c.lr, c.lr > 0), ("critic_lr", c.critic_lr, c.critic_lr > 0), ("rank", c.rank, c.rank >= 1),
-             ("gen_every", c.gen_every, c.gen_every >= 1), ("route_every", c.route_every, c.route_every >= 1),
-             ("student_steps", c.student_steps, c.student_steps >= 1), ("save_every", c.save_every, c.save_every >= 1),
-             ("ts_last_k", c.ts_last_k, 1 <= c.ts_last_k <= c.student_steps), ("log_every", c.log_every, c.log_every >= 1),
-             ("keep_checkpoints", c.keep_checkpoints, c.keep_checkpoints >= 1)]
-    for flag, value, ok in rules:
+@contextlib.contextmanager
+def deferred_signals():
+    """While training, SIGINT/SIGTERM only set a flag: the loop finishes its step, writes a checkpoint
+    and stops. A second signal stops at once (the last checkpoint stays valid)."""
+    caught = []
+    if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread only
+        yield caught
+        return
+
+    def handler(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def check_config(c: Config) -> None:
+    """Every number in range (NaN fails every comparison, so it is refused too)."""
+    rules = {"max_steps": c.max_steps >= 1, "p_switch": 0 <= c.p_switch <= 1, "lr": c.lr > 0,
+             "critic_lr": c.critic_lr > 0, "rank": c.rank >= 1, "alpha": c.alpha > 0, "gen_every": c.gen_every >= 1,
+             "route_every": c.route_every >= 1, "student_steps": c.student_steps >= 1, "shift": c.shift > 0,
+             "teacher_steps": c.teacher_steps >= 1, "guidance": c.guidance >= 1, "grad_clip": c.grad_clip > 0,
+             "beta1": 0 <= c.beta1 < 1, "beta2": 0 <= c.beta2 < 1, "weight_decay": c.weight_decay >= 0,
+             "ts_last_k": 1 <= c.ts_last_k <= c.student_steps, "ts_t_min": 0 <= c.ts_t_min < 1000,
+             "w_ts": c.w_ts >= 0, "w_fm": c.w_fm >= 0, "log_every": c.log_every >= 1, "save_every": c.save_every >= 1,
+             "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1}
+    for flag, ok in rules.items():
         if not ok:
-            raise InputError(f"--{flag} {value} is invalid -- see `--help` for its meaning and default")
-    if not cfg.teachers:
+            raise InputError(f"--{flag} {getattr(c, flag)} is invalid -- see `--help` for its meaning and default")
+    if not c.teachers:
         raise InputError("--teachers is required -- pass a folder with one sub-folder per effect (see --help)")
+    if c.resume and c.overwrite:
+        raise InputError("--resume and --overwrite contradict each other -- pass one of them")
 
 
 def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, gen, keep: int):
@@ -936,18 +1020,24 @@ def train(cfg: Config) -> Path:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights on GPU, fp32 on CPU
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ckpt_dir = Path(cfg.out) / "checkpoints"
+    out_dir, ckpt_dir = Path(cfg.out), Path(cfg.out) / "checkpoints"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out '{out_dir}' is a file -- pass a folder name")
     previous = sorted(ckpt_dir.glob("step_*.pt"))
-    if previous and not cfg.resume:
-        raise InputError(f"--out '{cfg.out}' holds a previous run -- pass --resume to continue it, or another --out")
+    if (previous or (out_dir / "lora").exists()) and not (cfg.resume or cfg.overwrite):
+        raise InputError(f"--out '{out_dir}' holds a previous run -- pass --resume to continue it, --overwrite to "
+                         f"start afresh, or another --out")
     if cfg.resume and not previous:
         raise InputError(f"--resume: no checkpoint in '{ckpt_dir}' -- run once without --resume first")
-    effects, general = read_teachers(cfg.teachers), read_general(cfg.general)
+    effects, general = read_inputs(cfg)
 
     # --- models: ONE base transformer carries the teacher slot, the student and the critic ---
     pipe = load_pipeline(cfg.base, device, dtype, cfg.seed)
     transformer = pipe.transformer.requires_grad_(False)
-    bank, data, aop = prepare(pipe, cfg, effects, general)
+    bank, data, aop = prepare(pipe, cfg, effects, general)  # the last step that may refuse the input
+    if cfg.overwrite:  # only now: a refused run leaves the previous one intact
+        for old in (ckpt_dir, out_dir / "lora"):
+            shutil.rmtree(old, ignore_errors=True)
     print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive "
           f"triggers -> {aop['chosen_max_cos']:.3f} chosen")
     if device.type == "cuda":  # every input is encoded: the text encoder and VAE can leave the GPU
@@ -971,22 +1061,35 @@ def train(cfg: Config) -> Path:
 
     # --- the loop: critic every step, student every gen_every ---
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="distilling", dynamic_ncols=True)
-    t0, student_logs = time.time(), {}
-    for step in bar:
-        route = router.route(step)
-        if route.stream == "effect":
-            bank.swap(route.effect)
-        b = data.batch(route, device)
-        logs = train_step(step, transformer, b, sigmas, opt_student, opt_critic, cfg, gen, autocast)
-        student_logs = {k: v for k, v in logs.items() if k != "critic"} or student_logs  # last student update
-        logs = {**student_logs, "critic": logs["critic"]}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-        if (step + 1) % cfg.log_every == 0:
+    t0, student_logs, nonfinite = time.time(), {}, 0
+    with deferred_signals() as signals:
+        for step in bar:
+            route = router.route(step)
+            if route.stream == "effect":
+                bank.swap(route.effect)
+            b = data.batch(route, device)
+            logs = train_step(step, transformer, b, sigmas, opt_student, opt_critic, cfg, gen, autocast)
             what = effects[route.effect].name if route.stream == "effect" else "general"
-            bar.write(f"step {step + 1}/{cfg.max_steps} | {what} | " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-                      + f" | {(time.time() - t0) / (step + 1 - start):.3f} s/step")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(ckpt_dir, step + 1, transformer, opt_student, opt_critic, gen, cfg.keep_checkpoints)
+            skipped = logs.pop("skipped")
+            nonfinite = nonfinite + 1 if skipped else 0
+            if skipped:
+                bar.write(f"warning: step {step + 1} ({what}): non-finite loss in {' and '.join(skipped)} -- update skipped")
+            student_logs = {k: v for k, v in logs.items() if k != "critic"} or student_logs  # last student update
+            logs = {**student_logs, "critic": logs["critic"]}
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+            if (step + 1) % cfg.log_every == 0:
+                bar.write(f"step {step + 1}/{cfg.max_steps} | {what} | " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+                          + f" | {(time.time() - t0) / (step + 1 - start):.3f} s/step")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or signals or nonfinite >= cfg.max_nonfinite:
+                path = save_checkpoint(ckpt_dir, step + 1, transformer, opt_student, opt_critic, gen, cfg.keep_checkpoints)
+            if nonfinite >= cfg.max_nonfinite:
+                raise Stopped(f"stopped at step {step + 1}: {nonfinite} steps in a row had a non-finite loss (last: "
+                              f"{' and '.join(skipped)} on '{what}') -- checkpoint {path}; lower --lr or check that "
+                              f"effect's LoRA, then rerun with --resume", 1)
+            if signals:
+                name = signal.Signals(signals[0]).name
+                raise Stopped(f"{name}: stopped after step {step + 1}, checkpoint {path} -- rerun the same command "
+                              f"with --resume to continue", 128 + signals[0])
     bar.close()
 
     # the untrained student (LoRA B = 0) is exactly the base, so "before" needs no stored state
@@ -1034,6 +1137,13 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("interrupted -- finished checkpoints and cached teacher targets are kept; rerun the same command "
+              "(with --resume once a checkpoint exists)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -3,6 +3,9 @@
     pytest -q test_collectionlora.py
 """
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,8 @@ import pytest
 from peft.utils import set_peft_model_state_dict
 import torch
 from PIL import Image
+from diffusers import QwenImageEditPlusPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import collectionlora as cl
@@ -202,12 +207,6 @@ def test_chosen_triggers_are_more_orthogonal_than_naive_ones():
     assert len({e.trigger for e in effects}) == 6 and all(e.student_prompt.startswith(e.trigger) for e in effects)
 
 
-def test_duplicate_triggers_are_an_error():
-    effects = [cl.Effect(n, "x", Path("x"), [], trigger="<same>") for n in ("a", "b")]
-    with pytest.raises(cl.InputError, match="share the trigger"):
-        cl.choose_triggers(cl.build_tiny_pipeline(0), effects, seed=0)
-
-
 # ---- end to end: distillation, export, resume ----
 
 @pytest.fixture(scope="module")
@@ -282,20 +281,57 @@ def test_stock_scheduler_visits_exactly_the_trained_sigmas(trained):
     assert pipe.scheduler.sigmas[-1].item() == 0.0 and pipe.scheduler.config.stochastic_sampling
 
 
-def test_resume_is_bit_identical(teachers, tmp_path):
-    straight = load_file(str(cl.train(tiny_config(teachers, tmp_path / "a")) / "pytorch_lora_weights.safetensors"))
-    cl.train(tiny_config(teachers, tmp_path / "b", max_steps=5))
-    resumed = load_file(str(cl.train(tiny_config(teachers, tmp_path / "b", resume=True)) / "pytorch_lora_weights.safetensors"))
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert any(straight[k].abs().sum() > 0 for k in straight if "lora_B" in k)  # it trained at all
+def lora_tensors(lora_dir: Path) -> dict:
+    return load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
 
 
-# ---- CLI ----
+def test_same_seed_and_inputs_give_a_bit_identical_student(teachers, tmp_path):
+    a = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "a", max_steps=6)))
+    b = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "b", max_steps=6)))  # own cache: targets recomputed
+    c = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "c", max_steps=6, seed=1)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it trained at all
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # and the seed matters
 
-def run_cli(*args):
+
+def test_a_changed_teacher_file_invalidates_only_its_cached_targets(teachers, tmp_path, monkeypatch):
+    shutil.copytree(teachers / "teachers", tmp_path / "teachers")
+    cfg = tiny_config(tmp_path, tmp_path / "out")
+    calls, run_teacher = [], QwenImageEditPlusPipeline.__call__
+    monkeypatch.setattr(QwenImageEditPlusPipeline, "__call__", lambda *a, **k: calls.append(1) or run_teacher(*a, **k))
+
+    def targets():
+        pipe = cl.build_tiny_pipeline(0)
+        pipe.set_progress_bar_config(disable=True)
+        effects = cl.read_teachers(cfg.teachers)
+        bank = cl.TeacherBank(effects, pipe, cfg.cache)
+        return [cl.teacher_target(pipe, bank, i, e.images[0], cfg, pipe.scheduler) for i, e in enumerate(effects)]
+    first = targets()
+    assert len(calls) == 3
+    lora = sorted((tmp_path / "teachers").glob("*/*.safetensors"))[0]  # the first effect's LoRA file, changed
+    with safe_open(str(lora), "pt") as f:
+        metadata = f.metadata()
+    save_file({k: v * 2 for k, v in load_file(str(lora)).items()}, str(lora), metadata=metadata)
+    second = targets()
+    assert len(calls) == 4  # only the changed teacher ran again
+    assert not torch.equal(first[0], second[0]) and all(torch.equal(x, y) for x, y in zip(first[1:], second[1:]))
+
+
+def test_non_finite_losses_are_skipped_then_stop_with_a_checkpoint(teachers, tmp_path, capsys):
+    cfg = tiny_config(teachers, tmp_path, lr=1e30, gen_every=1, p_switch=1.0, max_nonfinite=3)  # diverges at once
+    with pytest.raises(cl.Stopped, match=r"3 steps in a row had a non-finite loss \(last: student \(dmd.*on '"):
+        cl.train(cfg)
+    assert "non-finite loss in student" in capsys.readouterr().out  # each skipped step is reported
+    checkpoint = sorted((tmp_path / "checkpoints").glob("step_*.pt"))[-1]
+    state = torch.load(checkpoint, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["critic"].values())  # skipped updates did not poison it
+
+
+# ---- CLI, bad input and faults ----
+
+def run_cli(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, str(ROOT / "collectionlora.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+                          cwd=cwd, timeout=120, env={**os.environ, **(env or {})})
 
 
 def test_cli_help_lists_every_config_knob():
@@ -305,13 +341,149 @@ def test_cli_help_lists_every_config_knob():
         assert f"--{f.name}" in r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--teachers", "does/not/exist"], "--teachers 'does/not/exist' is not a folder"),
-    (["--teachers", "examples/tiny_teachers/warm_glow"], "looks like ONE effect -- pass its parent folder"),
-    (["--teachers", "examples/tiny_teachers", "--p_switch", "1.5"], "--p_switch 1.5 is invalid"),
-    (["--teachers", "examples/tiny_teachers", "--max_steps", "0"], "--max_steps 0 is invalid"),
+def in_effect(how, effect="ink_sketch"):
+    """A case that changes one effect folder (of a copy of examples/tiny_teachers) and adds no flag."""
+    return lambda root: how(root / "teachers" / effect) and []
+
+
+def lora_of(folder: Path) -> Path:
+    return next(folder.glob("*.safetensors"))
+
+
+def replace_lora(tensors: dict):
+    return in_effect(lambda d: save_file(tensors, str(lora_of(d))) or True)
+
+
+def make_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def same_trigger(root: Path) -> list:
+    for name in ("ink_sketch", "neon_edges"):
+        (root / "teachers" / name / "effect.json").write_text(json.dumps({"instruction": name, "trigger": "<fx>"}))
+    return []
+
+
+Q = "transformer.transformer_blocks.0.attn.to_q"  # a module of the tiny base: Linear(48, 48)
+BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags; the message expected)
+    "teachers missing": (lambda r: ["--teachers", ""], "--teachers is required"),
+    "teachers not a folder": (lambda r: ["--teachers", str(r / "general" / "0.txt")], "is not a folder"),
+    "teachers empty": (lambda r: ["--teachers", str(make_folder(r / "empty"))], "has no effect sub-folders"),
+    "teachers is one effect": (lambda r: ["--teachers", str(r / "teachers" / "ink_sketch")], "looks like ONE effect"),
+    "no LoRA file": (in_effect(lambda d: lora_of(d).rename(d / "lora.bin")), "found 0 -- keep one (.bin/.pt/.ckpt"),
+    "not safetensors": (in_effect(lambda d: lora_of(d).write_text("<html>404</html>")),
+                        "is not a readable safetensors LoRA"),
+    "truncated LoRA": (in_effect(lambda d: lora_of(d).write_bytes(lora_of(d).read_bytes()[:3000])),
+                       "is not a readable safetensors LoRA"),
+    "LoRA for another base": (replace_lora({f"transformer.single_transformer_blocks.0.attn.to_q.lora_{x}.weight":
+                                            torch.zeros(4, 4) for x in "AB"}),
+                              "1 LoRA keys match no module of the base transformer (e.g. "
+                              "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight)"),
+    "LoRA shapes do not fit": (replace_lora({f"{Q}.lora_A.weight": torch.zeros(4, 32), f"{Q}.lora_B.weight": torch.zeros(48, 4)}),
+                               "'transformer_blocks.0.attn.to_q' has LoRA shapes (48, 4) x (4, 32), the base needs (48, r) x (r, 48)"),
+    "NaN in LoRA": (replace_lora({f"{Q}.lora_A.weight": torch.full((4, 48), float("nan")),
+                                  f"{Q}.lora_B.weight": torch.zeros(48, 4)}), "holds NaN/inf weights"),
+    "effect.json missing": (in_effect(lambda d: (d / "effect.json").unlink() or True), "has no effect.json"),
+    "effect.json not JSON": (in_effect(lambda d: (d / "effect.json").write_text("{instruction: x")), "effect.json is not valid"),
+    "effect.json no instruction": (in_effect(lambda d: (d / "effect.json").write_text('{"trigger": "x"}')),
+                                   "has no 'instruction'"),
+    "same trigger twice": (same_trigger, "effects 'ink_sketch' and 'neon_edges' share the trigger '<fx>'"),
+    "zero-size image": (in_effect(lambda d: (d / "images" / "0.png").write_bytes(b"") or True), "0.png cannot be read"),
+    "unreadable image": (in_effect(lambda d: (d / "images" / "0.png").write_bytes(b"\x89PNG garbage")), "0.png cannot be read"),
+    "empty image folder": (in_effect(lambda d: [p.unlink() for p in (d / "images").iterdir()]), "holds no images"),
+    "general nowhere": (lambda r: ["--general", str(r / "nowhere")], "--general '"),
+    "previous run in out": (lambda r: make_folder(r / "out" / "lora") and [], "holds a previous run"),
+    "resume without checkpoint": (lambda r: ["--resume"], "--resume: no checkpoint"),
+    "resume and overwrite": (lambda r: ["--resume", "--overwrite"], "--resume and --overwrite contradict"),
+    "out is a file": (lambda r: ["--out", str(r / "general" / "0.txt")], "is a file"),
+    "max_steps 0": (lambda r: ["--max_steps", "0"], "--max_steps 0 is invalid"),
+    "p_switch 1.5": (lambda r: ["--p_switch", "1.5"], "--p_switch 1.5 is invalid"),
+    "negative lr": (lambda r: ["--lr=-1e-4"], "--lr -0.0001 is invalid"),
+    "NaN guidance": (lambda r: ["--guidance", "nan"], "--guidance nan is invalid"),
+    "not a number": (lambda r: ["--max_steps", "ten"], "argument --max_steps: invalid int value: 'ten'"),
+    "base folder is not a pipeline": (lambda r: ["--base", str(r / "general")], "is not a diffusers pipeline folder"),
+}
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    shutil.copytree(ROOT / "examples" / "tiny_teachers", tmp_path / "teachers")
+    shutil.copytree(ROOT / "examples" / "tiny_general", tmp_path / "general")
+    change, message = BAD_INPUT[case]
+    extra = change(tmp_path)
+    before = snapshot(tmp_path)
+    args = ["--base", "tiny", "--teachers", str(tmp_path / "teachers"), "--general", str(tmp_path / "general"),
+            "--out", str(tmp_path / "out"), "--rank", "4", "--teacher_steps", "2", *extra]
+    try:
+        code = cl.main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert " -- " in err  # every message says what to do
+    assert snapshot(tmp_path) == before  # nothing written, nothing removed
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--teachers", "does/not/exist"], {}, "--teachers 'does/not/exist' is not a folder"),
+    (["--teachers", "examples/tiny_teachers", "--max_steps", "ten"], {}, "invalid int value: 'ten'"),
+    (["--teachers", "examples/tiny_teachers", "--base", "Qwen/Not-A-Model"], {"HF_HUB_OFFLINE": "1"},
+     "--base 'Qwen/Not-A-Model' could not be loaded"),
 ])
-def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
-    r = run_cli(*args, "--base", "tiny", "--out", str(tmp_path / "out"))
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_cli_bad_input_in_a_real_process(args, env, message, tmp_path):
+    r = run_cli(*([] if "--base" in args else ["--base", "tiny"]), *args, "--out", str(tmp_path / "out"), env=env)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def start_run(root: Path, out: Path, *extra):
+    """The CLI in a real process, in an empty working directory, printing a line per step."""
+    cwd = root / "cwd"
+    cwd.mkdir(exist_ok=True)
+    args = ["--base", "tiny", "--teachers", str(root / "teachers"), "--general", str(root / "general"), "--out", str(out),
+            "--rank", "8", "--alpha", "8", "--lr", "1e-3", "--critic_lr", "1e-3", "--route_every", "5",
+            "--teacher_steps", "8", "--log_every", "1", *extra]
+    return subprocess.Popen([sys.executable, str(ROOT / "collectionlora.py"), *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_step(proc, step: int):
+    for line in proc.stdout:
+        if line.startswith(f"step {step}/"):
+            return
+    pytest.fail(f"the run ended before step {step}: {proc.stderr.read()}")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(sig, code, teachers, tmp_path):
+    proc = start_run(teachers, tmp_path / "out", "--max_steps", "10000", "--save_every", "10000")
+    wait_for_step(proc, 3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    last = err.strip().splitlines()[-1]
+    assert f"{sig.name}: stopped after step" in last and "--resume" in last
+    step = int(last.split("after step ")[1].split(",")[0])
+    assert step >= 3 and (tmp_path / "out" / "checkpoints" / f"step_{step:08d}.pt").is_file()
+    assert not list((teachers / "cwd").iterdir())  # nothing written outside --out
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(teachers, tmp_path):
+    proc = start_run(teachers, tmp_path / "out", "--max_steps", "40", "--save_every", "5")
+    wait_for_step(proc, 12)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and (tmp_path / "out" / "checkpoints" / "step_00000010.pt").is_file()
+    assert not (tmp_path / "out" / "lora").exists()
+    proc = start_run(teachers, tmp_path / "out", "--max_steps", "40", "--save_every", "5", "--resume")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    resumed = lora_tensors(tmp_path / "out" / "lora")
+    straight = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "straight", max_steps=40)))
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert not list((teachers / "cwd").iterdir())
