@@ -243,7 +243,7 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
         return QwenImageEditPlusPipeline.from_pretrained(base, dtype=dtype, local_files_only=constants.HF_HUB_OFFLINE
                                                          ).to(device)
     except (OSError, ValueError) as e:  # not cached and no network, or not a valid repo id
-        raise InputError(f"--base '{base}' could not be loaded: {str(e).splitlines()[0][:160]} -- download it first "
+        raise InputError(f"--base '{base}' could not be loaded: {str(e).splitlines()[0].split('. ')[0][:200]} -- download it first "
                          f"with `hf download {base}` where there is internet, or pass a local folder") from e
 
 
@@ -517,7 +517,7 @@ def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
         if not (out[f"{module}.A"].isfinite().all() and out[f"{module}.B"].isfinite().all()):
             raise InputError(f"{lora_file}: '{module}' holds NaN/inf weights -- the file is broken, re-export it")
     if unmatched:
-        raise InputError(f"{lora_file}: {len(unmatched)} LoRA keys match no module of the base transformer (e.g. "
+        raise InputError(f"{lora_file}: {len(unmatched)} of its LoRA layers are not in the base transformer (e.g. "
                          f"{', '.join(unmatched[:3])}) -- is this LoRA made for another base model?")
     if not out:
         raise InputError(f"{lora_file} holds no LoRA weights (lora_A/lora_B, lora_down/lora_up) -- is it a LoRA?")
@@ -981,13 +981,15 @@ def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict
     student_scheduler(cfg).save_pretrained(tmp / "scheduler")
     import diffusers
     import peft
+    import transformers
     meta = {"base": cfg.base, "paper": "arXiv 2605.25378",
             "sampler": {"num_inference_steps": cfg.student_steps, "true_cfg_scale": 1.0, "scheduler": "scheduler/",
                         "sigmas": [round(s, 6) for s in student_sigmas(cfg.student_steps, cfg.shift).tolist()]},
             "effects": [{"name": e.name, "trigger": e.trigger, "student_prompt": e.student_prompt,
                          "teacher_instruction": e.instruction, "teacher_sha256_16": h}
                         for e, h in zip(effects, bank.hashes)],
-            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "peft": peft.__version__, "transformers": transformers.__version__},
             "config": dataclasses.asdict(cfg), **extra}
     (tmp / "collectionlora.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
@@ -1060,9 +1062,9 @@ def train(cfg: Config) -> Path:
         print(f"resumed from {previous[-1]} at step {start}")
 
     # --- the loop: critic every step, student every gen_every ---
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="distilling", dynamic_ncols=True)
     t0, student_logs, nonfinite = time.time(), {}, 0
-    with deferred_signals() as signals:
+    with deferred_signals() as signals, tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps,
+                                             desc="distilling", dynamic_ncols=True) as bar:
         for step in bar:
             route = router.route(step)
             if route.stream == "effect":
@@ -1088,9 +1090,9 @@ def train(cfg: Config) -> Path:
                               f"effect's LoRA, then rerun with --resume", 1)
             if signals:
                 name = signal.Signals(signals[0]).name
+                resume = "--resume instead of --overwrite" if cfg.overwrite else "--resume"
                 raise Stopped(f"{name}: stopped after step {step + 1}, checkpoint {path} -- rerun the same command "
-                              f"with --resume to continue", 128 + signals[0])
-    bar.close()
+                              f"with {resume} to continue", 128 + signals[0])
 
     # the untrained student (LoRA B = 0) is exactly the base, so "before" needs no stored state
     before, after = (distances_to_teachers(transformer, data, sigmas, adapter) for adapter in (None, "student"))

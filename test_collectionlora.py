@@ -288,10 +288,14 @@ def lora_tensors(lora_dir: Path) -> dict:
 def test_same_seed_and_inputs_give_a_bit_identical_student(teachers, tmp_path):
     a = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "a", max_steps=6)))
     b = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "b", max_steps=6)))  # own cache: targets recomputed
-    c = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "c", max_steps=6, seed=1)))
+    c = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "a", max_steps=6, seed=1, overwrite=True)))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it trained at all
     assert any(not torch.equal(a[k], c[k]) for k in a)  # and the seed matters
+    meta = json.loads((tmp_path / "a" / "lora" / "collectionlora.json").read_text())  # --overwrite replaced run a
+    assert meta["config"]["seed"] == 1 and set(meta["versions"]) >= {"torch", "diffusers", "peft", "transformers"}
+    assert [e["teacher_sha256_16"] for e in meta["effects"]] == [cl.file_hash(e.lora_file) for e in
+                                                                  cl.read_teachers(teachers / "teachers")]
 
 
 def test_a_changed_teacher_file_invalidates_only_its_cached_targets(teachers, tmp_path, monkeypatch):
@@ -378,7 +382,7 @@ BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags;
                        "is not a readable safetensors LoRA"),
     "LoRA for another base": (replace_lora({f"transformer.single_transformer_blocks.0.attn.to_q.lora_{x}.weight":
                                             torch.zeros(4, 4) for x in "AB"}),
-                              "1 LoRA keys match no module of the base transformer (e.g. "
+                              "1 of its LoRA layers are not in the base transformer (e.g. "
                               "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight)"),
     "LoRA shapes do not fit": (replace_lora({f"{Q}.lora_A.weight": torch.zeros(4, 32), f"{Q}.lora_B.weight": torch.zeros(48, 4)}),
                                "'transformer_blocks.0.attn.to_q' has LoRA shapes (48, 4) x (4, 32), the base needs (48, r) x (r, 48)"),
