@@ -1,0 +1,1051 @@
+"""
+Toy EffectBench: a CPU-sized world where the truth of every edit is known exactly.
+
+    python examples/effectbench.py --quick              # 4 effects, world -> base -> teachers -> distil -> table
+    python examples/effectbench.py --effects 50 --seed 0
+
+The world (all of it deterministic from --seed, cached under runs/effectbench/):
+  * sources   procedural 32x32 RGB pictures: a background (solid, gradient, stripes, checker, smooth
+              noise, radial) and 1-3 shapes (disc, square, triangle, ring, cross). Train and held-out
+              test pictures come from different RNG streams and are checked to be disjoint.
+  * effects   >= 60 named edits, each `instruction` + `fn(image, variant)` + K, the number of valid
+              outputs. K > 1 is a multi-modal effect (tint in one of K hues, shift in one of K
+              directions, ...): a training pair shows one variant drawn at random, and any of the K is
+              a correct answer. Near neighbours (roll 2 vs 3 cells, contrast 1.3 vs 1.8, red vs
+              scarlet tint) and generic instructions shared by several effects are there on purpose.
+              Everything is position-free (colour maps, local filters, rolls): a transformer that
+              sees only relative positions (RoPE) cannot express flips or transposes, so there are none.
+  * general   8 edits disjoint from the effects (other parameters of the same primitives) that
+              pretrain the base and feed collectionlora's general stream.
+
+The models: the real `QwenImageEditPlusPipeline` class with a tiny configuration built here (a
+byte-level BPE tokenizer trained on the world's prompts, so the chat template is 64 tokens as in
+Qwen; collectionlora's random tiny text encoder; a 3-layer, hidden-64 transformer; a VAE with two
+downsamplings, 32x32x3 pixels <-> 8x8x4 latents, TRAINED here so that pictures are recognisable).
+The transformer is pretrained by flow matching on the general set with 15 % prompt dropout (so CFG
+has an unconditional branch); teachers are LoRAs of ranks 4/8/16 trained by flow matching per
+effect and written as a real `--teachers` folder that `collectionlora.py --teachers` reads.
+
+What is measured -- in PIXEL space, on decoded outputs, on held-out test sources. The reference for
+"valid output k" is the VAE round trip decode(encode(fn(source, k))), so a perfect latent model
+scores the same whatever the VAE's own error (the VAE's round-trip PSNR is reported separately):
+  * PSNR to the nearest valid output, and PSNR to the teacher's output (same source, same seed);
+  * mode coverage: over all (source, seed) of a K > 1 effect, the normalised entropy of which
+    variant the output is nearest to (1 = all K variants equally often, 0 = always the same one);
+  * bad-case ratio (BCR proxy): the output is nearer to another benchmark effect's valid output, or
+    to the unedited source, than to any valid output of the requested effect;
+  * NFE (transformer calls per edit), wall time per edit (the stock pipeline call, batch 1, one
+    CPU thread), adapter bytes (the LoRA files).
+Metrics are computed with a batched copy of the pipeline's loops (sample_teacher / sample_student);
+stock_pipeline_check runs the same teacher edit through pipe(...) and asserts they agree (~1e-6).
+
+Stages and cache (runs/effectbench/seed<S>/; each stage is skipped when its output exists):
+  base_v<vae>_b<base>/   tokenizer, VAE, text encoder, transformer (shared by --quick and --effects N)
+  <tag>/teachers/        the --teachers folder: <effect>/{<effect>.safetensors, effect.json, images/}
+  <tag>/general/         the --general folder: 16 pictures + .txt instructions
+  <tag>/distil_<steps>/  collectionlora.train's --out (lora/, checkpoints/, cache/)
+  <tag>/report/          table.md, results.json (every number), grid.png
+Costs on one CPU thread: VAE 4,000 steps ~11 min; base 2,500 steps ~3 min; a teacher 600 steps ~1 min;
+distillation ~0.13 s per iteration; evaluation ~25 s per effect. --quick from scratch ~27 min, of
+which ~14 min is the shared base (cached: ~13 min).
+
+Not done yet (issue 3): the Lightning, one-FM-LoRA and merge baselines, the ablations, scaling in N,
+composition, and a tuned distillation schedule (see the report in results.json: the student is
+still far below its teachers).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import collectionlora as cl
+
+SIZE = 32                # source pictures are SIZE x SIZE RGB
+CELL = 4                 # pixels per latent cell (the VAE downsamples twice)
+LATENT = SIZE // CELL    # 8x8x4 latents -> 4x4 = 16 transformer tokens per image (patch 2)
+
+
+# ---- World: procedural source pictures ----
+
+def _grid():
+    yy, xx = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32), indexing="ij")
+    return yy, xx
+
+
+def _colour(rng: random.Random) -> torch.Tensor:
+    return torch.tensor([rng.random(), rng.random(), rng.random()])  # (3,)
+
+
+def _background(rng: random.Random) -> torch.Tensor:
+    yy, xx = _grid()
+    a, b = _colour(rng), _colour(rng)
+    kind = rng.choice(["solid", "gradient", "stripes", "checker", "noise", "radial"])
+    if kind == "solid":
+        w = torch.zeros(SIZE, SIZE)
+    elif kind == "gradient":
+        ang = rng.uniform(0, 2 * math.pi)
+        w = (math.cos(ang) * xx + math.sin(ang) * yy) / SIZE
+        w = (w - w.min()) / (w.max() - w.min())
+    elif kind == "stripes":
+        period, ang = rng.choice([8, 12, 16]), rng.choice([0, math.pi / 2, math.pi / 4])
+        w = ((math.cos(ang) * xx + math.sin(ang) * yy) // (period / 2) % 2)
+    elif kind == "checker":
+        c = rng.choice([8, 16])
+        w = ((xx // c + yy // c) % 2)
+    elif kind == "noise":
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        w = F.interpolate(torch.rand(1, 1, 4, 4, generator=g), size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0]
+    else:  # radial
+        cy, cx = rng.uniform(0, SIZE), rng.uniform(0, SIZE)
+        w = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() / SIZE
+        w = w.clamp(0, 1)
+    return a[:, None, None] * (1 - w) + b[:, None, None] * w  # (3, H, W)
+
+
+def _shape_mask(rng: random.Random) -> torch.Tensor:
+    yy, xx = _grid()
+    cy, cx, r = rng.uniform(6, SIZE - 6), rng.uniform(6, SIZE - 6), rng.uniform(4, 9)
+    kind = rng.choice(["disc", "square", "triangle", "ring", "cross"])
+    d = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
+    if kind == "disc":
+        return d <= r
+    if kind == "square":
+        return ((yy - cy).abs() <= r) & ((xx - cx).abs() <= r)
+    if kind == "triangle":
+        return (yy - cy <= r) & (yy - cy >= -r) & ((xx - cx).abs() <= (yy - cy + r) / 2)
+    if kind == "ring":
+        return (d <= r) & (d >= r * 0.55)
+    return (((yy - cy).abs() <= r / 3) & ((xx - cx).abs() <= r)) | (((xx - cx).abs() <= r / 3) & ((yy - cy).abs() <= r))
+
+
+def make_source(rng: random.Random) -> torch.Tensor:
+    """One procedural picture, (3, SIZE, SIZE) in [0, 1]."""
+    img = _background(rng)
+    for _ in range(rng.randint(1, 3)):
+        m = _shape_mask(rng)
+        img = torch.where(m[None], _colour(rng)[:, None, None], img)
+    return img.clamp(0, 1)
+
+
+def make_sources(n_train: int, n_test: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint train / held-out test pictures from separate RNG streams: (n, 3, SIZE, SIZE) each."""
+    def key(x):
+        return hashlib.sha256(to_uint8(x).numpy().tobytes()).hexdigest()
+    train = [make_source(random.Random(f"{seed}/train/{i}")) for i in range(n_train)]
+    seen = {key(x) for x in train}
+    test, i = [], 0
+    while len(test) < n_test:
+        x = make_source(random.Random(f"{seed}/test/{i}"))
+        i += 1
+        if key(x) not in seen:  # held out means never seen, not just drawn from another stream
+            test.append(x)
+    return torch.stack(train), torch.stack(test)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return (x.clamp(0, 1) * 255).round().byte()
+
+
+def to_pil(x: torch.Tensor):
+    from PIL import Image
+    return Image.fromarray(to_uint8(x).permute(1, 2, 0).numpy())
+
+
+def from_pil(im) -> torch.Tensor:
+    import numpy as np
+    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype="float32") / 255.0).permute(2, 0, 1)
+
+
+# ---- World: effects ----
+# An effect is (instruction, fn, K): fn(image (3, H, W) in [0, 1], variant in range(K)) -> image.
+# K = 1 is deterministic; K > 1 has K equally valid outputs.
+
+LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
+def gray(x):
+    return (LUMA[:, None, None] * x).sum(0, keepdim=True).expand_as(x)
+
+
+def hue_rotate(x, degrees):
+    """Rotate hue about the grey axis (a linear colour map)."""
+    a = math.radians(degrees)
+    k = torch.ones(3, 3) / 3
+    cross = torch.tensor([[0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=torch.float32) / math.sqrt(3)
+    m = math.cos(a) * torch.eye(3) + (1 - math.cos(a)) * k + math.sin(a) * cross
+    return torch.einsum("ij,jhw->ihw", m, x).clamp(0, 1)
+
+
+def tint(x, rgb, strength=0.5):
+    return ((1 - strength) * x + strength * gray(x) * torch.tensor(rgb)[:, None, None] * 1.6).clamp(0, 1)
+
+
+def box_blur(x, k):
+    return F.avg_pool2d(F.pad(x[None], (k // 2,) * 4, mode="circular"), k, stride=1)[0]
+
+
+def sharpen(x):
+    return (2 * x - box_blur(x, 3)).clamp(0, 1)
+
+
+def edges(x):
+    g = gray(x)[:1][None]
+    kx = torch.tensor([[[[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]]], dtype=torch.float32)
+    gp = F.pad(g, (1, 1, 1, 1), mode="circular")
+    mag = (F.conv2d(gp, kx) ** 2 + F.conv2d(gp, kx.transpose(2, 3)) ** 2).sqrt()[0]
+    return (mag / 2).clamp(0, 1).expand(3, -1, -1)
+
+
+def posterize(x, levels):
+    return (x * (levels - 1)).round() / (levels - 1)
+
+
+def pixelate(x, block):
+    return F.interpolate(F.avg_pool2d(x[None], block), scale_factor=block, mode="nearest")[0]
+
+
+def roll(x, dy_cells, dx_cells):
+    return torch.roll(x, (dy_cells * CELL, dx_cells * CELL), dims=(1, 2))
+
+
+def contrast(x, c):
+    return ((x - 0.5) * c + 0.5).clamp(0, 1)
+
+
+def saturate(x, s):
+    return (gray(x) + s * (x - gray(x))).clamp(0, 1)
+
+
+def duotone(x, dark, light):
+    g = gray(x)[:1]
+    return (1 - g) * torch.tensor(dark)[:, None, None] + g * torch.tensor(light)[:, None, None]
+
+
+def only_channel(x, c):
+    out = torch.zeros_like(x)
+    out[c] = x[c]
+    return out
+
+
+def invert_channel(x, c):
+    out = x.clone()
+    out[c] = 1 - x[c]
+    return out
+
+
+def permute(x, order):
+    return x[list(order)]
+
+
+def choice(*fns):
+    """A multi-modal effect from K deterministic alternatives: fn(x, variant) = fns[variant](x)."""
+    return (lambda x, v: fns[v](x)), len(fns)
+
+
+def det(fn):
+    """A deterministic effect: K = 1, the variant is ignored."""
+    return (lambda x, v: fn(x)), 1
+
+
+RED, SCARLET, GREEN, BLUE, YELLOW, CYAN, MAGENTA, ORANGE, TEAL = (
+    (1.0, 0.25, 0.25), (1.0, 0.5, 0.15), (0.3, 1.0, 0.3), (0.3, 0.4, 1.0), (1.0, 0.95, 0.3),
+    (0.3, 1.0, 1.0), (1.0, 0.3, 1.0), (1.0, 0.6, 0.2), (0.2, 0.8, 0.7))
+
+# Generic instructions that several effects share on purpose (EffectBench's "make it vintage" problem):
+# a model that reads only the instruction cannot tell these effects apart; triggers (AOP) can.
+STYLIZE, RECOLOUR, SHIFT, FILTER = "Stylize the image", "Recolour the picture", "Shift the picture", "Apply a colour filter"
+
+
+def effect_registry() -> dict:
+    """name -> (instruction, fn, K). Order matters: `--effects N` takes the first N, interleaved so
+    that any prefix mixes deterministic, multi-modal, near-neighbour and colliding effects."""
+    e = {}
+
+    def add(name, instruction, fk):
+        fn, k = fk
+        e[name] = (instruction, fn, k)
+
+    # interleaved: multi-modal, deterministic, near-neighbour pairs and colliding instructions
+    add("tint_any", "Give the picture a colour tint", choice(*(lambda x, c=c: tint(x, c, 0.8) for c in (RED, GREEN, BLUE, YELLOW))))
+    add("roll_right_2", "Roll the image two cells to the right", det(lambda x: roll(x, 0, 2)))
+    add("roll_right_3", "Roll the image three cells to the right", det(lambda x: roll(x, 0, 3)))
+    add("invert", "Invert the colours", det(lambda x: 1 - x))
+    add("shift_any", SHIFT, choice(*(lambda x, d=d: roll(x, *d) for d in ((0, 1), (0, -1), (1, 0), (-1, 0)))))
+    add("tint_red", "Tint it red", det(lambda x: tint(x, RED)))
+    add("tint_scarlet", "Tint it scarlet", det(lambda x: tint(x, SCARLET)))
+    add("swap_invert_any", "Swap and invert the colours", choice(lambda x: 1 - permute(x, (2, 1, 0)), lambda x: 1 - permute(x, (1, 0, 2))))
+    add("channel_swap_any", "Swap two colour channels", choice(*(lambda x, o=o: permute(x, o) for o in ((1, 0, 2), (2, 1, 0), (0, 2, 1)))))
+    add("contrast_1_3", "Raise the contrast a little", det(lambda x: contrast(x, 1.3)))
+    add("contrast_1_8", "Raise the contrast a lot", det(lambda x: contrast(x, 1.8)))
+    add("grayscale", "Make it black and white", det(gray))
+    add("exposure_any", "Change the exposure", choice(lambda x: (x + 0.5).clamp(0, 1), lambda x: (x - 0.5).clamp(0, 1)))
+    add("stylize_posterize", STYLIZE, det(lambda x: posterize(saturate(x, 1.8), 4)))
+    add("stylize_duotone", STYLIZE, det(lambda x: duotone(x, (0.0, 0.0, 0.5), (1.0, 1.0, 0.0))))
+    add("sepia", "Make it look like an old sepia photo", det(lambda x: duotone(x, (0.2, 0.1, 0.05), (1.0, 0.9, 0.7))))
+    add("hue_any", "Rotate the hues", choice(*(lambda x, a=a: hue_rotate(x, a) for a in (90, 160, 270))))
+    add("roll_down_2", "Roll the image two cells down", det(lambda x: roll(x, 2, 0)))
+    add("roll_down_3", "Roll the image three cells down", det(lambda x: roll(x, 3, 0)))
+    add("blur", "Blur the picture", det(lambda x: box_blur(x, 5)))
+    add("posterize_any", "Reduce the number of colour levels", choice(*(lambda x, n=n: posterize(x, n) for n in (2, 3, 4))))
+    add("recolour_hue_30", RECOLOUR, det(lambda x: hue_rotate(x, 30)))
+    add("recolour_hue_330", RECOLOUR, det(lambda x: hue_rotate(x, 330)))
+    add("perm_gbr", "Cycle the colour channels forwards", det(lambda x: permute(x, (1, 2, 0))))
+    add("invert_channel_any", "Invert one colour channel", choice(*(lambda x, c=c: invert_channel(x, c) for c in range(3))))
+    add("brighten_20", "Brighten the picture slightly", det(lambda x: (x + 0.2).clamp(0, 1)))
+    add("brighten_35", "Brighten the picture strongly", det(lambda x: (x + 0.35).clamp(0, 1)))
+    add("edges", "Show only the edges", det(edges))
+    add("mono_any", "Make it monochrome", choice(lambda x: duotone(x, (0.0, 0.1, 0.2), (0.7, 0.9, 1.0)),
+                                               lambda x: duotone(x, (0.0, 0.15, 0.0), (0.75, 1.0, 0.75))))
+    add("filter_green", FILTER, det(lambda x: tint(x, GREEN)))
+    add("filter_blue", FILTER, det(lambda x: tint(x, BLUE)))
+    add("pastel_any", "Make it pastel", choice(*(lambda x, c=c: 0.5 * x + 0.5 * torch.tensor(c)[:, None, None]
+                                                 for c in ((1.0, 0.8, 0.85), (0.8, 1.0, 0.85), (0.8, 0.85, 1.0)))))
+    add("contrast_any", "Change the contrast", choice(lambda x: contrast(x, 3.0), lambda x: contrast(x, 0.4)))
+    add("roll_left_2", "Roll the image two cells to the left", det(lambda x: roll(x, 0, -2)))
+    add("roll_up_2", "Roll the image two cells up", det(lambda x: roll(x, -2, 0)))
+    add("solarize", "Solarize the picture", det(lambda x: torch.where(x > 0.5, 1 - x, x)))
+    add("keep_channel_any", "Keep a single colour channel", choice(*(lambda x, c=c: only_channel(x, c) for c in range(3))))
+    add("gamma_dark", "Deepen the shadows", det(lambda x: x ** 2.0))
+    add("gamma_light", "Lift the shadows", det(lambda x: x ** 0.4))
+    add("threshold", "Turn it into pure black and white", det(lambda x: (gray(x) > 0.5).float()))
+    add("duotone_any", "Turn it into a duotone", choice(lambda x: duotone(x, (0.1, 0.0, 0.3), (1.0, 0.8, 0.3)),
+                                                       lambda x: duotone(x, (0.0, 0.2, 0.1), (0.9, 1.0, 0.6)),
+                                                       lambda x: duotone(x, (0.3, 0.0, 0.0), (1.0, 0.7, 0.8))))
+    add("saturate", "Make the colours vivid", det(lambda x: saturate(x, 2.0)))
+    add("desaturate", "Mute the colours", det(lambda x: saturate(x, 0.35)))
+    add("pixelate", "Pixelate the picture", det(lambda x: pixelate(x, 8)))
+    add("stylize_edges_invert", STYLIZE, det(lambda x: 1 - edges(x)))
+    add("roll_diag_any", "Roll the image diagonally", choice(lambda x: roll(x, 2, 2), lambda x: roll(x, -2, -2)))
+    add("tint_orange", "Tint it orange", det(lambda x: tint(x, ORANGE)))
+    add("tint_teal", "Tint it teal", det(lambda x: tint(x, TEAL)))
+    add("perm_brg", "Cycle the colour channels backwards", det(lambda x: permute(x, (2, 0, 1))))
+    add("edge_colour_any", "Draw the edges in colour", choice(*(lambda x, c=c: edges(x) * torch.tensor(c)[:, None, None]
+                                                                for c in ((1.0, 0.2, 0.2), (0.2, 1.0, 0.2), (0.2, 0.4, 1.0)))))
+    add("recolour_invert_hue", RECOLOUR, det(lambda x: hue_rotate(1 - x, 90)))
+    add("darken", "Darken the picture", det(lambda x: (x - 0.25).clamp(0, 1)))
+    add("cast_any", "Add a colour cast", choice(*(lambda x, c=c: (x + 0.3 * (torch.tensor(c)[:, None, None] - 0.6)).clamp(0, 1)
+                                                  for c in (RED, GREEN, BLUE, YELLOW))))
+    add("invert_gb", "Invert the green and blue channels", det(lambda x: 1 - invert_channel(x, 0)))
+    add("negative_tint_any", "Make a tinted negative", choice(lambda x: tint(1 - x, ORANGE, 0.7), lambda x: tint(1 - x, CYAN, 0.7)))
+    add("roll_far_any", "Move the picture far", choice(lambda x: roll(x, 3, 3), lambda x: roll(x, -3, 3)))
+    add("filter_magenta", FILTER, det(lambda x: tint(x, MAGENTA)))
+    add("threshold_any", "Cut it to two tones", choice(lambda x: (gray(x) > 0.3).float(), lambda x: (gray(x) > 0.7).float()))
+    add("invert_gray", "Make it a black and white negative", det(lambda x: 1 - gray(x)))
+    add("saturation_any", "Change the saturation", choice(lambda x: saturate(x, 3.5), lambda x: saturate(x, 0.65)))
+    add("blur_strong", "Blur the picture heavily", det(lambda x: box_blur(x, 9)))
+    add("stylize_solarize_tint", STYLIZE, det(lambda x: tint(torch.where(x > 0.5, 1 - x, x), CYAN)))
+    add("gamma_any", "Change the gamma", choice(lambda x: x ** 3.0, lambda x: x ** 0.25))
+    return e
+
+
+# The general edits (pretraining + collectionlora's general stream): the same primitives with other
+# parameters, so the base learns to edit without ever seeing a benchmark effect.
+GENERAL_EDITS = {
+    "Keep the picture as it is": lambda x: x,
+    "Roll the image one cell diagonally": lambda x: roll(x, 1, 1),
+    "Roll the image two cells up and one left": lambda x: roll(x, -2, -1),
+    "Lower the contrast": lambda x: contrast(x, 0.7),
+    "Fade towards white": lambda x: 0.6 * x + 0.4,
+    "Rotate the hues a little": lambda x: hue_rotate(x, 45),
+    "Soften the picture": lambda x: box_blur(x, 3) * 0.5 + x * 0.5,
+    "Boost the green channel": lambda x: (x + torch.tensor([0.0, 0.25, 0.0])[:, None, None]).clamp(0, 1),
+}
+
+
+@dataclass
+class Effect:
+    name: str
+    instruction: str
+    fn: Callable         # fn(image (3, H, W), variant) -> image
+    K: int               # number of valid outputs
+
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """All K valid outputs of one source: (K, 3, H, W)."""
+        return torch.stack([self.fn(x, v) for v in range(self.K)])
+
+
+@dataclass
+class World:
+    effects: list        # [Effect]
+    train: torch.Tensor  # (n_train, 3, SIZE, SIZE) source pictures for training
+    test: torch.Tensor   # (n_test, 3, SIZE, SIZE) held-out source pictures
+    seed: int
+
+
+def build_world(effects: dict, seed: int, n_train: int = 256, n_test: int = 16) -> World:
+    """The toy world from an effect dict {name: (instruction, fn) or (instruction, fn, K)} and a seed.
+    fn(image, variant) -> image; K (default 1) is how many variants are valid outputs."""
+    out = [Effect(name, spec[0], spec[1], spec[2] if len(spec) == 3 else 1) for name, spec in effects.items()]
+    train, test = make_sources(n_train, n_test, seed)
+    return World(out, train, test, seed)
+
+
+def check_registry(effects: list, probes: torch.Tensor, min_mse: float = 3e-4) -> None:
+    """No two valid outputs (of any effects, or the source itself) may be the same picture on average
+    over the probe sources, or the bad-case ratio could not tell them apart. Near neighbours are
+    allowed to be close; exact duplicates are an error."""
+    outs = [((e.name, v), torch.stack([e.fn(x, v) for x in probes])) for e in effects for v in range(e.K)]
+    outs.append((("source", 0), probes))
+    for i in range(len(outs)):
+        for j in range(i + 1, len(outs)):
+            if F.mse_loss(outs[i][1], outs[j][1]) < min_mse:
+                raise ValueError(f"effects {outs[i][0]} and {outs[j][0]} give (nearly) the same picture -- change one")
+
+
+# ---- Tiny base pipeline: the real QwenImageEditPlusPipeline class, built in code ----
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>"]
+
+
+def train_tokenizer(template: str, prompts: list):
+    """A byte-level BPE trained on the chat template and the world's prompts, so every known word is
+    one token (the system prompt is 64 tokens, exactly Qwen's drop index) and unknown strings such as
+    triggers fall back to bytes. Few tokens keep the joint attention cheap."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    byte_level = cl.build_tiny_pipeline(0).tokenizer.backend_tokenizer.pre_tokenizer
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = byte_level
+    t.add_special_tokens(SPECIAL)
+    img = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
+    t.train_from_iterator([template.format(img + p) for p in prompts],
+                          trainers.BpeTrainer(vocab_size=20000, min_frequency=1, show_progress=False,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(t.to_str())["model"]
+    # ids 0..262 exactly as collectionlora's tiny tokenizer (bytes, then the special tokens), so the text
+    # encoder's image/vision token ids stay valid; merged words get the ids after them
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({tok: len(vocab) + i for i, tok in enumerate(SPECIAL)})
+    for tok in model["vocab"]:
+        vocab.setdefault(tok, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return vocab, merges
+
+
+def make_vae():
+    """AutoencoderKLQwenImage with two spatial downsamplings: 32x32x3 pixels <-> 8x8x4 latents."""
+    from diffusers import AutoencoderKLQwenImage
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+
+def make_transformer():
+    """3 layers, hidden 64 (4 heads x 16): ~0.48M parameters, as in DESIGN §9."""
+    from diffusers import QwenImageTransformer2DModel
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=16,
+                                       num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+
+
+def assemble_pipeline(vae, transformer, vocab, merges, seed: int):
+    """collectionlora's tiny pipeline with our tokenizer, VAE and transformer swapped in. The text
+    encoder stays collectionlora's random one (it is never trained: the transformer learns to read it)."""
+    from diffusers import QwenImageEditPlusPipeline
+    from transformers import Qwen2Tokenizer
+    tiny = cl.build_tiny_pipeline(seed)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=SPECIAL[1:])
+    torch.manual_seed(seed)
+    tiny.text_encoder.resize_token_embeddings(len(vocab), mean_resizing=False)  # rows for the merged words (load_base overwrites them)
+    processor = type(tiny.processor)(tiny.processor.image_processor, tokenizer)
+    pipe = QwenImageEditPlusPipeline(scheduler=tiny.scheduler, vae=vae.eval(), text_encoder=tiny.text_encoder,
+                                     tokenizer=tokenizer, processor=processor, transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_base(pipe, vocab, merges, folder: Path, seed: int, info: dict) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.transformer.save_pretrained(tmp / "transformer")
+    pipe.vae.save_pretrained(tmp / "vae")
+    cl.atomic_save(pipe.text_encoder.state_dict(), tmp / "text_encoder.pt")
+    (tmp / "tokenizer.json").write_text(json.dumps({"vocab": vocab, "merges": merges}))
+    (tmp / "effectbench_base.json").write_text(json.dumps({"seed": seed, **info}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def load_base(folder) -> object:
+    """The saved base as a QwenImageEditPlusPipeline (CPU, fp32)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    folder = Path(folder)
+    meta = json.loads((folder / "effectbench_base.json").read_text())
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    pipe = assemble_pipeline(AutoencoderKLQwenImage.from_pretrained(folder / "vae"),
+                             QwenImageTransformer2DModel.from_pretrained(folder / "transformer"),
+                             tok["vocab"], [tuple(m) for m in tok["merges"]], meta["seed"])
+    pipe.text_encoder.load_state_dict(torch.load(folder / "text_encoder.pt", weights_only=True))
+    return pipe
+
+
+@contextlib.contextmanager
+def bench_sizes():
+    """The stock pipeline resizes inputs to module-global areas: condition image 64^2, VAE image 32^2."""
+    with cl.tiny_image_sizes(condition=64 * 64, vae=SIZE * SIZE):
+        yield
+
+
+@contextlib.contextmanager
+def collectionlora_loads_our_base():
+    """collectionlora.load_pipeline knows hub ids and 'tiny'; a saved EffectBench base is neither
+    (its processor cannot go through from_pretrained without torchvision), so route that one path here."""
+    original = cl.load_pipeline
+
+    def load(base, device, dtype, seed=0):
+        if (Path(base) / "effectbench_base.json").is_file():
+            return load_base(base).to(device)
+        return original(base, device, dtype, seed)
+
+    cl.load_pipeline = load
+    try:
+        yield
+    finally:
+        cl.load_pipeline = original
+
+
+# ---- Latents and prompts: what the pipeline feeds the transformer, batched ----
+
+@torch.no_grad()
+def pack(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, 3, SIZE, SIZE) in [0, 1] -> normalised packed latents (B, L, 16), exactly as the
+    pipeline encodes a source image (VAE mode, (z - mean) / std, 2x2 patches)."""
+    vae = pipe.vae
+    x = to_uint8(images).float() / 127.5 - 1  # the pipeline sees 8-bit PNGs in [-1, 1]
+    z = vae.encode(x.unsqueeze(2)).latent_dist.mode()  # (B, 4, 1, 8, 8)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    z = (z - mean) / std
+    return pipe._pack_latents(z, z.shape[0], z.shape[1], LATENT, LATENT)  # (B, 16, 16)
+
+
+@torch.no_grad()
+def unpack(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Packed latents (B, L, 16) -> pixels (B, 3, SIZE, SIZE) in [0, 1] (the pipeline's decode)."""
+    vae = pipe.vae
+    z = pipe._unpack_latents(latents, SIZE, SIZE, pipe.vae_scale_factor)  # (B, 4, 1, 8, 8)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    x = vae.decode(z * std + mean).sample[:, :, 0]  # (B, 3, SIZE, SIZE)
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+@dataclass
+class Prompts:
+    """Text-encoder states of (prompt, source image) pairs, padded to one length: the batched
+    equivalent of collectionlora.EditInputs.embeds / mask."""
+    embeds: torch.Tensor   # (N, T, 16)
+    mask: torch.Tensor     # (N, T) long
+
+    def __getitem__(self, idx):
+        return Prompts(self.embeds[idx], self.mask[idx])
+
+
+@torch.no_grad()
+def encode_prompts(pipe, images: torch.Tensor, prompts: list, T: int = 48) -> Prompts:
+    """One encode per (image, prompt), through the pipeline's own encode_prompt (the text encoder also
+    sees the condition image, as in Qwen-Image-Edit); padded to T tokens (a trigger adds ~25)."""
+    embeds, masks = torch.zeros(len(prompts), T, 16), torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, (img, p) in enumerate(zip(images, prompts)):
+        cond = pipe.image_processor.resize(to_pil(img), 64, 64)
+        e, m = pipe.encode_prompt(prompt=[p], image=[cond], device=torch.device("cpu"))
+        if e.shape[1] > T:
+            raise ValueError(f"prompt {p!r} encodes to {e.shape[1]} > {T} tokens -- pass a larger T")
+        embeds[i, : e.shape[1]] = e[0]
+        masks[i, : e.shape[1]] = 1 if m is None else m[0]
+    return Prompts(embeds, masks)
+
+
+def predict_v(transformer, x_t, sigma, source, p: Prompts):
+    """Batched collectionlora.predict_v: x_t, source (B, L, 16), sigma (B,) -> v (B, L, 16)."""
+    B, L = x_t.shape[:2]
+    side = int(L ** 0.5)
+    v = transformer(hidden_states=torch.cat([x_t, source], 1), timestep=sigma, encoder_hidden_states=p.embeds,
+                    encoder_hidden_states_mask=p.mask, img_shapes=[[(1, side, side), (1, side, side)]] * B,
+                    return_dict=False)[0]
+    return v[:, :L]
+
+
+# ---- Training: VAE, base, teachers (all flow matching / reconstruction on CPU) ----
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """AutoencoderKLQwenImage._decode for one frame without its final clamp to [-1, 1] (a clamped pixel
+    on the wrong side would get no gradient): (B, z, 1, h, w) -> (B, 3, 1, H, W)."""
+    vae.clear_cache()
+    vae._conv_idx = [0]
+    out = vae.decoder(vae.post_quant_conv(z), feat_cache=vae._feat_map, feat_idx=vae._conv_idx)
+    vae.clear_cache()
+    return out
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, seed: int, batch: int = 16, lr: float = 1e-3) -> None:
+    """A plain autoencoder (decode the posterior mode; a tiny L2 on z keeps its scale in check), then
+    latents_mean / latents_std are set to the data's per-channel statistics so the transformer sees
+    unit-scale latents, as with the real Qwen VAE. (2,000 steps at a constant 1e-3 reached 21 dB on
+    held-out sources; the curve was still rising slowly.)"""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    vae.train()
+    for step in range(steps):
+        x = images[torch.randint(len(images), (batch,), generator=g)] * 2 - 1  # (B, 3, H, W) in [-1, 1]
+        z = vae.encode(x.unsqueeze(2)).latent_dist.mode()                     # (B, 4, 1, H/4, W/4)
+        loss = F.mse_loss(decode_unclamped(vae, z)[:, :, 0], x) + 1e-4 * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i:i + 64].unsqueeze(2) * 2 - 1).latent_dist.mode() for i in range(0, len(images), 64)])
+    vae.register_to_config(latents_mean=z.mean((0, 2, 3, 4)).tolist(), latents_std=z.std((0, 2, 3, 4)).tolist())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for pixels in [0, 1]: (B, ...) -> (B,)."""
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1 / mse)
+
+
+def fm_train(transformer, params, source, target_fn, prompts: Prompts, empty: Prompts, steps: int, lr: float,
+             seed: int, batch: int = 32, p_drop: float = 0.15, what: str = "fm") -> list:
+    """Flow matching on edit pairs: for a batch of pair indices i, x0 = target_fn(i, g) (B, L, 16),
+    the condition is source[i] with prompts[i], or the empty prompt with probability p_drop (so the
+    model also learns the unconditional branch CFG needs). sigma ~ U(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+    losses = []
+    transformer.train()
+    for step in range(steps):
+        i = torch.randint(len(source), (batch,), generator=g)
+        x0 = target_fn(i, g)                                  # (B, L, 16)
+        drop = torch.rand(batch, generator=g) < p_drop
+        p = Prompts(torch.where(drop[:, None, None], empty.embeds[i], prompts.embeds[i]),
+                    torch.where(drop[:, None], empty.mask[i], prompts.mask[i]))
+        eps = torch.randn(x0.shape, generator=g)
+        sigma = torch.rand(batch, generator=g)
+        x_t = cl.add_noise(x0, eps, sigma[:, None, None])
+        loss = cl.flow_matching_loss(predict_v(transformer, x_t, sigma, source[i], p), x0, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 250 == 0 or step == steps - 1:
+            log(f"{what} step {step}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    transformer.eval()
+    return losses
+
+
+# ---- Samplers: the stock pipeline's loops, batched (checked against pipe(...) in stock_pipeline_check) ----
+
+def teacher_sigmas(scheduler, steps: int, seq_len: int) -> torch.Tensor:
+    """The sigmas the stock pipeline visits with its own (dynamically shifted) scheduler, ending at 0."""
+    import copy
+
+    import numpy as np
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
+    s = copy.deepcopy(scheduler)
+    c = s.config
+    mu = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    s.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return s.sigmas.float()  # (steps + 1,)
+
+
+@torch.no_grad()
+def sample_teacher(transformer, noise, source, p: Prompts, empty: Prompts, sigmas, g: float):
+    """Euler over `sigmas` with the pipeline's true CFG (guided velocity rescaled to the conditional
+    norm) when g > 1. NFE = 2 (len(sigmas) - 1) with CFG, else len(sigmas) - 1."""
+    x = noise
+    for i in range(len(sigmas) - 1):
+        s = sigmas[i].expand(len(x))
+        v = predict_v(transformer, x, s, source, p)
+        if g > 1:
+            comb = predict_v(transformer, x, s, source, empty)
+            comb = comb + g * (v - comb)
+            v = comb * (v.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+@torch.no_grad()
+def sample_student(transformer, noise, source, p: Prompts, steps: int, gen: torch.Generator):
+    """collectionlora's 8-step sampler: predict x0, re-noise to the next sigma with fresh noise."""
+    sigmas = cl.student_sigmas(steps, 3.0)
+    x = noise
+    for i in range(steps):
+        x0 = cl.x0_from_v(x, predict_v(transformer, x, sigmas[i].expand(len(x)), source, p), sigmas[i])
+        x = cl.add_noise(x0, torch.randn(x0.shape, generator=gen), sigmas[i + 1]) if i + 1 < steps else x0
+    return x
+
+
+# ---- Stages (each cached on disk; delete its folder to redo it) ----
+
+def stage_base(world: World, folder: Path, seed: int, vae_steps: int, base_steps: int) -> dict:
+    """Train the VAE, then pretrain the transformer by flow matching on the general edits."""
+    if (folder / "effectbench_base.json").is_file():
+        return json.loads((folder / "effectbench_base.json").read_text())
+    t0 = time.time()
+    prompts = list(GENERAL_EDITS) + [e.instruction for e in world.effects]
+    vocab, merges = train_tokenizer(cl.build_tiny_pipeline(seed).prompt_template_encode, prompts + [""])
+    torch.manual_seed(seed)
+    pipe = assemble_pipeline(make_vae(), make_transformer(), vocab, merges, seed)
+    # The VAE sees its own stream of procedural pictures (half of them through a general edit): no effect
+    # output, no held-out source. 512 pictures over-fitted (23 dB train, 19 dB held-out); 4096 are cheap.
+    rng = random.Random(f"{seed}/vae")
+    edits = list(GENERAL_EDITS.values())
+    images = torch.stack([make_source(random.Random(f"{seed}/vae/{i}")) for i in range(4096)])
+    images = torch.stack([rng.choice(edits)(x) if i % 2 else x for i, x in enumerate(images)])
+    train_vae(pipe.vae, images, vae_steps, seed)
+    rt = psnr(unpack(pipe, pack(pipe, world.test)), world.test).mean().item()
+    log(f"VAE round trip on held-out sources: {rt:.2f} dB ({time.time() - t0:.0f} s)")
+    # general edit pairs: every train source x every general instruction
+    n, names = len(world.train), list(GENERAL_EDITS)
+    src = pack(pipe, world.train)                                              # (n, L, 16)
+    tgt = torch.stack([pack(pipe, torch.stack([GENERAL_EDITS[k](x) for x in world.train])) for k in names])  # (J, n, L, 16)
+    t1 = time.time()
+    p = [encode_prompts(pipe, world.train, [k] * n) for k in names]
+    empty = encode_prompts(pipe, world.train, [""] * n)
+    log(f"encoded {n * (len(names) + 1)} (image, prompt) pairs in {time.time() - t1:.0f} s")
+    J = len(names)
+    allp = Prompts(torch.cat([q.embeds for q in p]), torch.cat([q.mask for q in p]))  # pair index = j * n + i
+    losses = fm_train(pipe.transformer, list(pipe.transformer.parameters()), src.repeat(J, 1, 1),
+                      lambda i, g: tgt.reshape(J * n, *tgt.shape[2:])[i], allp, Prompts(empty.embeds.repeat(J, 1, 1),
+                      empty.mask.repeat(J, 1)), base_steps, 1e-3, seed, what="base")
+    info = {"vae_roundtrip_psnr_test": rt, "vae_steps": vae_steps, "base_steps": base_steps,
+            "base_final_loss": sum(losses[-50:]) / 50, "seconds": time.time() - t0}
+    save_base(pipe, vocab, merges, folder, seed, info)
+    return info
+
+
+def lora_config(rank: int):
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=list(cl.QWEN_TARGET_MODULES), init_lora_weights=True)
+
+
+def stage_teachers(world: World, effects: list, base: Path, folder: Path, general: Path, steps: int, seed: int,
+                   n_images: int = 8, n_general: int = 16) -> dict:
+    """One LoRA per effect (ranks cycle 4, 8, 16), flow matching on (source, fn(source, random variant))
+    with the effect's instruction; written as a collectionlora --teachers folder, plus --general."""
+    from peft.utils import get_peft_model_state_dict
+    pipe = load_base(base)
+    n = len(world.train)
+    src = pack(pipe, world.train)
+    empty = encode_prompts(pipe, world.train, [""] * n)
+    report = {}
+    for k, e in enumerate(effects):
+        out = folder / e.name
+        if (out / "effect.json").is_file():
+            report[e.name] = json.loads((out / "effect.json").read_text())
+            continue
+        t0 = time.time()
+        rank = (4, 8, 16)[k % 3]
+        tgt = torch.stack([pack(pipe, torch.stack([e.fn(x, v) for x in world.train])) for v in range(e.K)])  # (K, n, L, 16)
+        p = encode_prompts(pipe, world.train, [e.instruction] * n)
+        pipe.transformer.add_adapter(lora_config(rank), adapter_name=e.name)
+        pipe.transformer.set_adapter(e.name)
+        params = cl.adapter_params(pipe.transformer, e.name)
+        losses = fm_train(pipe.transformer, params, src,
+                          lambda i, g, tgt=tgt: tgt[torch.randint(len(tgt), (len(i),), generator=g), i],  # a random valid variant
+                          p, empty, steps, 3e-3, seed + k, what=f"teacher {e.name} (r{rank})")
+        tmp = folder / (e.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        type(pipe).save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name=e.name),
+                                     transformer_lora_adapter_metadata=pipe.transformer.peft_config[e.name].to_dict(),
+                                     weight_name=f"{e.name}.safetensors")
+        pipe.transformer.delete_adapters(e.name)
+        (tmp / "images").mkdir()
+        for j in range(n_images):
+            to_pil(world.train[j]).save(tmp / "images" / f"{j}.png")
+        meta = {"instruction": e.instruction, "variants": e.K, "rank": rank, "steps": steps,
+                "final_loss": sum(losses[-50:]) / 50, "seconds": time.time() - t0}
+        (tmp / "effect.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        report[e.name] = meta
+        log(f"teacher {e.name}: rank {rank}, {steps} steps, {time.time() - t0:.0f} s")
+    general.mkdir(parents=True, exist_ok=True)
+    for j in range(n_general):  # general stream: train sources (after the teachers' images) with general instructions
+        to_pil(world.train[n_images + j]).save(general / f"{j}.png")
+        (general / f"{j}.txt").write_text(list(GENERAL_EDITS)[j % len(GENERAL_EDITS)])
+    return report
+
+
+def stage_distil(teachers: Path, general: Path, base: Path, out: Path, seed: int, **knobs) -> dict:
+    """collectionlora.train on the folders above, exactly as a user would run it."""
+    if (out / "lora" / "collectionlora.json").is_file():
+        return json.loads((out / "lora" / "collectionlora.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = cl.Config(teachers=str(teachers), general=str(general), base=str(base), out=str(out), seed=seed, device="cpu",
+                    **knobs)
+    t0 = time.time()
+    with bench_sizes(), collectionlora_loads_our_base():
+        lora = cl.train(cfg)
+    meta = json.loads((lora / "collectionlora.json").read_text())
+    meta["seconds"] = time.time() - t0
+    (lora / "collectionlora.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+# ---- Evaluation: everything from here on is measurement ----
+
+def mode_coverage(modes: torch.Tensor, K: int) -> float:
+    """Normalised entropy of the variant histogram: 1 = all K variants equally often, 0 = one only."""
+    p = torch.bincount(modes, minlength=K).float() / len(modes)
+    p = p[p > 0]
+    return float(-(p * p.log()).sum() / math.log(K))
+
+
+@torch.no_grad()
+def evaluate(world: World, effects: list, base: Path, teachers: Path, student: Path | None, seeds: int,
+             guidances=(1.0, 2.0, 3.0, 5.0), g_teacher: float = 5.0, teacher_steps: int = 40, student_steps: int = 8) -> dict:
+    """Every method on every (effect, held-out source, seed); metrics in pixel space (see docstring)."""
+    pipe = load_base(base)
+    tr = pipe.transformer
+    for e in effects:
+        pipe.load_lora_weights(str(teachers / e.name), weight_name=f"{e.name}.safetensors", adapter_name=e.name)
+    prompts_of = {}
+    if student is not None:
+        pipe.load_lora_weights(str(student), adapter_name="student")
+        prompts_of = {d["name"]: d["student_prompt"] for d in json.loads((student / "collectionlora.json").read_text())["effects"]}
+    test, n = world.test, len(world.test)
+    src = pack(pipe, test)                                   # (n, L, 16)
+    rt = lambda x: unpack(pipe, pack(pipe, x))  # the VAE round trip: what a perfect latent model outputs
+    refs = {e.name: torch.stack([rt(torch.stack([e.fn(x, v) for x in test])) for v in range(e.K)]) for e in effects}  # (K, n, 3, H, W)
+    src_rt = rt(test)
+    empty = encode_prompts(pipe, test, [""] * n)
+    rep = lambda t: t.repeat(seeds, *[1] * (t.ndim - 1))  # (n, ...) -> (seeds * n, ...), seed-major
+    t_sig = teacher_sigmas(pipe.scheduler, teacher_steps, src.shape[1])
+
+    def noise(seed):
+        return torch.randn((seeds * n, *src.shape[1:]), generator=torch.Generator().manual_seed(seed))
+
+    results, pictures = {}, {}
+    for e in effects:
+        teacher_p = encode_prompts(pipe, test, [e.instruction] * n)
+        runs = {}
+        pipe.set_adapters(e.name)
+        for g in guidances:
+            t = time.time()
+            runs[f"teacher_{teacher_steps}_g{g:g}"] = (sample_teacher(tr, noise(1), rep(src), Prompts(rep(teacher_p.embeds), rep(teacher_p.mask)),
+                                                                       Prompts(rep(empty.embeds), rep(empty.mask)), t_sig, g),
+                                                        teacher_steps * (2 if g > 1 else 1), time.time() - t)
+        t = time.time()
+        runs[f"teacher_{student_steps}"] = (sample_student(tr, noise(1), rep(src), Prompts(rep(teacher_p.embeds), rep(teacher_p.mask)),
+                                                           student_steps, torch.Generator().manual_seed(2)), student_steps, time.time() - t)
+        if student is not None:
+            pipe.set_adapters("student")
+            sp = encode_prompts(pipe, test, [prompts_of[e.name]] * n)
+            t = time.time()
+            runs[f"collectionlora_{student_steps}"] = (sample_student(tr, noise(1), rep(src), Prompts(rep(sp.embeds), rep(sp.mask)),
+                                                                      student_steps, torch.Generator().manual_seed(2)), student_steps, time.time() - t)
+        own = refs[e.name]                                                        # (K, n, 3, H, W)
+        others = torch.cat([refs[o.name] for o in effects if o.name != e.name] + [src_rt[None]])  # (M, n, 3, H, W)
+        res = {}
+        decoded = {m: unpack(pipe, x) for m, (x, _, _) in runs.items()}          # (seeds * n, 3, H, W)
+        ref_teacher = decoded[f"teacher_{teacher_steps}_g{g_teacher:g}"]
+        for m, (x, nfe, secs) in runs.items():
+            out = decoded[m]
+            d_own = torch.stack([(out - rep(own[k])).pow(2).flatten(1).mean(1) for k in range(e.K)])  # (K, seeds * n)
+            d_oth = torch.stack([(out - rep(others[k])).pow(2).flatten(1).mean(1) for k in range(len(others))]).min(0).values
+            best, mode = d_own.min(0)
+            res[m] = {"psnr_valid": float((10 * torch.log10(1 / best.clamp_min(1e-10))).mean()),
+                      "psnr_vs_teacher": float(psnr(out, ref_teacher).mean()),
+                      "bad_case": float((d_oth < best).float().mean()),
+                      "coverage": mode_coverage(mode, e.K) if e.K > 1 else None,
+                      "nfe": nfe, "batch_seconds_per_edit": secs / len(out)}
+        results[e.name] = res
+        pictures[e.name] = {"source": test[0], "valid": own[0, 0], **{m: out[0] for m, out in decoded.items()}}
+        log(f"eval {e.name}: " + " | ".join(f"{m} {r['psnr_valid']:.1f} dB bad {r['bad_case']:.2f}" for m, r in res.items()))
+    return {"results": results, "pictures": pictures, "vae_roundtrip_psnr": float(psnr(src_rt, test).mean())}
+
+
+@torch.no_grad()
+def stock_pipeline_check(base: Path, teachers: Path, student: Path | None, effect: Effect, source: torch.Tensor,
+                         g: float, repeats: int = 3) -> dict:
+    """The stock pipeline, batch 1: (a) seconds per edit for each method, (b) an oracle for our batched
+    sampler -- the same teacher edit (same initial noise) through pipe(...) and through sample_teacher
+    must agree to float precision."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    pipe = load_base(base)
+    pipe.load_lora_weights(str(teachers / effect.name), weight_name=f"{effect.name}.safetensors", adapter_name="teacher")
+    image = to_pil(source)
+    teacher_sched, student_sched = pipe.scheduler, cl.student_scheduler(cl.Config())
+    x_T = torch.randn(1, LATENT * LATENT // 4, 16, generator=torch.Generator().manual_seed(0))  # (1, L, 16)
+    calls = {"teacher_40_cfg": (teacher_sched, lambda: pipe(image=image, prompt=effect.instruction, negative_prompt="",
+                                                            true_cfg_scale=g, height=SIZE, width=SIZE, num_inference_steps=40,
+                                                            latents=x_T.clone(), output_type="latent").images),
+             "teacher_8": (student_sched, lambda: cl.sample(pipe, image, effect.instruction, steps=8, output_type="latent"))}
+    out = {}
+    with bench_sizes():
+        pipe.set_adapters("teacher")
+        if student is not None:
+            pipe.load_lora_weights(str(student), adapter_name="student")
+            prompt = next(d["student_prompt"] for d in json.loads((student / "collectionlora.json").read_text())["effects"]
+                          if d["name"] == effect.name)
+            calls["collectionlora_8"] = (FlowMatchEulerDiscreteScheduler.from_pretrained(str(student), subfolder="scheduler"),
+                                         lambda: cl.sample(pipe, image, prompt, steps=8, output_type="latent"))
+        for m, (scheduler, call) in calls.items():
+            pipe.set_adapters("student" if m == "collectionlora_8" else "teacher")
+            pipe.scheduler = scheduler
+            y = call()  # also the warm-up
+            t = time.time()
+            for _ in range(repeats):
+                call()
+            out[f"seconds_{m}"] = (time.time() - t) / repeats
+            if m == "teacher_40_cfg":
+                src = pack(pipe, source[None])
+                p, empty = encode_prompts(pipe, source[None], [effect.instruction]), encode_prompts(pipe, source[None], [""])
+                ours = sample_teacher(pipe.transformer, x_T, src, p, empty, teacher_sigmas(teacher_sched, 40, src.shape[1]), g)
+                out["batched_sampler_max_abs_diff"] = float((ours - y).abs().max())
+    return out
+
+
+def summarise(results: dict, methods: list) -> dict:
+    """Average each metric over effects (coverage: over multi-modal effects only)."""
+    rows = {}
+    for m in methods:
+        per = [r[m] for r in results.values() if m in r]
+        cov = [p["coverage"] for p in per if p["coverage"] is not None]
+        rows[m] = {"psnr_valid": sum(p["psnr_valid"] for p in per) / len(per),
+                   "psnr_vs_teacher": sum(p["psnr_vs_teacher"] for p in per) / len(per),
+                   "bad_case": sum(p["bad_case"] for p in per) / len(per),
+                   "coverage": sum(cov) / len(cov) if cov else None, "nfe": per[0]["nfe"]}
+    return rows
+
+
+def markdown_table(rows: dict, extra: dict) -> str:
+    lines = ["| method | PSNR to nearest valid (dB) ↑ | PSNR vs teacher (dB) ↑ | mode coverage ↑ | bad-case ratio ↓ | NFE | s / edit (stock pipe, CPU) | adapter bytes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        cov = "–" if r["coverage"] is None else f"{r['coverage']:.2f}"
+        x = extra.get(m, {})
+        vs_teacher = "reference" if r["psnr_vs_teacher"] >= 99 else f"{r['psnr_vs_teacher']:.2f}"  # the Teacher row itself
+        lines.append(f"| {m} | {r['psnr_valid']:.2f} | {vs_teacher} | {cov} | {r['bad_case']:.3f} | {r['nfe']} | "
+                     f"{x.get('seconds', float('nan')):.3f} | {x.get('bytes', '–')} |")
+    return "\n".join(lines)
+
+
+def save_grid(pictures: dict, columns: list, path: Path, scale: int = 3) -> None:
+    """Rows = effects, columns = source, valid output 0 (for K > 1 any of the K is right), then each
+    method (held-out source 0, seed 0)."""
+    from PIL import Image, ImageDraw
+    pad, label_w, head = 2, 150, 14
+    cell = SIZE * scale
+    W, H = label_w + len(columns) * (cell + pad), head + len(pictures) * (cell + pad)
+    grid = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, c in enumerate(columns):
+        draw.text((label_w + j * (cell + pad), 1), c[:16], fill="black")
+    for i, (name, pics) in enumerate(pictures.items()):
+        y = head + i * (cell + pad)
+        draw.text((2, y + cell // 2 - 5), name[:24], fill="black")
+        for j, c in enumerate(columns):
+            grid.paste(to_pil(pics[c]).resize((cell, cell), Image.NEAREST), (label_w + j * (cell + pad), y))
+    grid.save(path)
+
+
+# ---- CLI ----
+
+QUICK_EFFECTS = ["tint_any", "roll_right_2", "roll_right_3", "invert"]  # multi-modal, a near-neighbour pair, deterministic
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--effects", type=int, default=50, help="how many effects of the registry (the first N)")
+    p.add_argument("--seed", type=int, default=0, help="the world, every model init and every noise draw")
+    p.add_argument("--quick", action="store_true", help="4 effects, small budgets: about 27 min from scratch on 2 cores, under 2 min once cached")
+    p.add_argument("--root", default="runs/effectbench", help="cache folder for every stage")
+    p.add_argument("--vae_steps", type=int, default=4000, help="VAE training steps (about 0.16 s each; cached, shared)")
+    p.add_argument("--base_steps", type=int, default=2500, help="base pretraining steps (about 0.07 s each; cached, shared)")
+    p.add_argument("--teacher_steps", type=int, default=600, help="FM steps per teacher LoRA (about 0.09 s each)")
+    p.add_argument("--distil_steps", type=int, default=None, help="collectionlora iterations (default: 10000, quick 3000)")
+    p.add_argument("--seeds", type=int, default=4, help="sampling seeds per held-out source")
+    p.add_argument("--guidance", type=float, default=2.0, help="teacher CFG for the Teacher row and the real score "
+                   "(a first quick run: g = 1-2 scored best, g = 5 worst)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    q = args.quick
+    vae_steps, base_steps, teacher_steps = args.vae_steps, args.base_steps, args.teacher_steps
+    distil_steps = args.distil_steps or (3000 if q else 10000)
+    t_start = time.time()
+
+    reg = effect_registry()
+    names = QUICK_EFFECTS if q else list(reg)[: args.effects]
+    if not q and args.effects > len(reg):
+        print(f"error: --effects {args.effects} > {len(reg)} effects in the registry", file=sys.stderr)
+        return 2
+    root = Path(args.root) / f"seed{args.seed}"
+    world = build_world(reg, args.seed)  # the base and VAE see every registry effect's name only via the tokenizer
+    check_registry(world.effects, world.test[:8])
+    effects = [e for e in world.effects if e.name in names]
+    log(f"world: {len(world.train)} train / {len(world.test)} held-out sources, {len(effects)} effects "
+        f"({sum(e.K > 1 for e in effects)} multi-modal)")
+
+    base = root / f"base_v{vae_steps}_b{base_steps}"
+    info = stage_base(world, base, args.seed, vae_steps, base_steps)
+    log(f"base: {info}")
+    tag = f"{'quick' if q else 'n' + str(len(effects))}_t{teacher_steps}"
+    teachers, general = root / tag / "teachers", root / tag / "general"
+    stage_teachers(world, effects, base, teachers, general, teacher_steps, args.seed)
+    # the exact user path: the folder is read by collectionlora's own reader
+    assert [e.name for e in cl.read_teachers(teachers)] == sorted(names)
+    out = root / tag / f"distil_{distil_steps}"
+    knobs = {"max_steps": distil_steps, "rank": 16, "alpha": 16, "lr": 1e-3, "critic_lr": 1e-3, "beta1": 0.0, "beta2": 0.99,
+             "gen_every": 2, "route_every": 5, "teacher_steps": 40, "guidance": args.guidance, "log_every": 100,
+             "save_every": max(distil_steps // 2, 1)}
+    stage_distil(teachers, general, base, out, args.seed, **knobs)
+    student = out / "lora"
+
+    ev = evaluate(world, effects, base, teachers, student, args.seeds, g_teacher=args.guidance)
+    methods = [f"teacher_40_g{g:g}" for g in (1.0, 2.0, 3.0, 5.0)] + ["teacher_8", "collectionlora_8"]
+    rows = summarise(ev["results"], methods)
+    walls = stock_pipeline_check(base, teachers, student, effects[0], world.test[0], args.guidance)
+    log(f"stock pipeline: {walls}")
+    teacher_bytes = sum(f.stat().st_size for f in teachers.glob("*/*.safetensors"))
+    student_bytes = (student / "pytorch_lora_weights.safetensors").stat().st_size
+    extra = {m: {"seconds": walls["seconds_teacher_40_cfg"], "bytes": teacher_bytes} for m in methods if m.startswith("teacher_40")}
+    extra["teacher_40_g1"]["seconds"] = float("nan")  # only the CFG call is timed
+    extra["teacher_8"] = {"seconds": walls["seconds_teacher_8"], "bytes": teacher_bytes}
+    extra["collectionlora_8"] = {"seconds": walls["seconds_collectionlora_8"], "bytes": student_bytes}
+    table = markdown_table(rows, extra)
+    report_dir = root / tag / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    print(f"\nToy EffectBench, {len(effects)} effects, {len(world.test)} held-out sources x {args.seeds} seeds, "
+          f"pixel-space metrics (VAE round trip {ev['vae_roundtrip_psnr']:.2f} dB):\n")
+    print(table)
+    (report_dir / "table.md").write_text(table + "\n")
+    (report_dir / "results.json").write_text(json.dumps({"summary": rows, "per_effect": ev["results"], "wall": walls,
+                                                        "adapter_bytes": {"teachers_total": teacher_bytes, "student": student_bytes},
+                                                        "vae_roundtrip_psnr": ev["vae_roundtrip_psnr"], "base": info,
+                                                        "args": vars(args), "seconds": time.time() - t_start}, indent=2))
+    save_grid(ev["pictures"], ["source", "valid", f"teacher_40_g{args.guidance:g}", "teacher_8", "collectionlora_8"],
+              report_dir / "grid.png")
+    log(f"wrote {report_dir}/table.md, results.json, grid.png ({time.time() - t_start:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
