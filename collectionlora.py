@@ -139,7 +139,8 @@ class Config:
 
 class OneLineErrors(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + error; we print one line (exit 2, as argparse)
-        sys.exit(print(f"error: {message} -- see --help", file=sys.stderr) or 2)
+        print(f"error: {message} -- see --help", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_config(argv=None) -> Config:
