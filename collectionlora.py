@@ -2,8 +2,8 @@
 CollectionLoRA: Collecting 50 Effects in 1 LoRA via Multi-Teacher On-Policy Distillation
 (arXiv 2605.25378) -- a minimal, single-file reference implementation on diffusers + peft.
 
-N effect LoRAs (each a 40-step, CFG "teacher" for one image-editing effect) plus few-step generation
-are distilled into ONE student LoRA that samples in 8 steps without CFG:
+N effect LoRAs (each a 40-step, CFG "teacher" for one image-editing effect) are distilled into ONE
+student LoRA that samples in 8 steps without CFG:
 
     every step      critic  <- flow matching on the student's own 8-step samples      (DMD2 fake score)
     every 5th step  student <- DMD:   x0_hat - stopgrad(x0_hat - (fake - real)/|x0_hat - real|)
@@ -19,33 +19,32 @@ Run:
     python collectionlora.py --teachers my_effects/ --general my_edits/ --out runs/mine     # GPU, Qwen-Image-Edit-2509
     python collectionlora.py --help                                                          # every knob
 
-Use the result in stock diffusers:
+Use the result in stock diffusers (runs/mine/preview.png shows source | teacher | student for each effect):
     pipe.load_lora_weights("runs/mine/lora")
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("runs/mine/lora", subfolder="scheduler")
     pipe(image=img, prompt=student_prompt, num_inference_steps=8, true_cfg_scale=1.0)
 
 Deviations from the official code (causvid/), each on purpose:
  1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline) and cached, not made by hand.
- 2. All teachers share ONE exact rank-padded `teacher` adapter slot on the base (TeacherBank); any LoRA
-    format diffusers reads is accepted.
- 3. The stream (PDSR) and its effect are redrawn every `route_every` steps as in the code (the paper:
-    every step), as a pure function of (seed, step), so a resumed run sees exactly the same data.
+ 2. All teachers share ONE exact rank-padded `teacher` adapter slot on the base (TeacherBank); any LoRA format
+    diffusers reads is accepted.
+ 3. The stream (PDSR) is redrawn every `route_every` steps as in the code (paper: every step), as a pure function of
+    (seed, step), so a resumed run sees exactly the same data.
  4. Target-simulation inputs come from the last `ts_last_k` student sigmas (code), not tau_max (paper).
- 5. CFG uses the diffusers convention uncond + g(cond - uncond); g = 5 equals the official
-    cond + 4(cond - uncond). The teacher targets come from the stock pipeline, whose true-CFG also
-    rescales the guided velocity to the conditional norm; the real score in DMD does not (as official).
+ 5. CFG in the diffusers convention uncond + g(cond - uncond): g = 5 is the official cond + 4(cond - uncond). The
+    stock pipeline's true-CFG (teacher targets) also rescales to the conditional norm; DMD's real score does not (official).
  6. No DMD2 GAN term (the paper drops it: mode collapse with many teachers), no EMA (as official).
  7. Step limit, atomic checkpoints and exact resume; the official loop has neither.
- 8. Triggers are chosen to minimise the largest pairwise cosine of the student prompts' text
-    embeddings (the paper uses random strings and never measures orthogonality).
+ 8. Triggers minimise the largest pairwise cosine of the student prompts' text embeddings (the paper uses random
+    strings and never measures orthogonality).
 """
-from __future__ import annotations
-
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -55,11 +54,12 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import Qwen2VLProcessor
 
 
 class InputError(ValueError):
@@ -67,8 +67,7 @@ class InputError(ValueError):
 
 
 class Stopped(RuntimeError):
-    """Training stopped early after writing a checkpoint (a signal, or non-finite losses); `code` is the exit status."""
-
+    """Training stopped early, after writing a checkpoint (a signal, or non-finite losses); `code` is the exit status."""
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
@@ -83,9 +82,7 @@ QWEN_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_
 
 def knob(default, why):
     """A Config field whose help text (shown by --help) is the reason for its default."""
-    if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: tuple(default), metadata={"help": why})
-    return field(default=default, metadata={"help": why})
+    return dataclasses.field(default=default, metadata={"help": why})
 
 
 @dataclass
@@ -94,7 +91,11 @@ class Config:
     teachers: str = knob("", "folder of effects: one sub-folder per effect (LoRA + effect.json [+ images/])")
     general: str = knob("", "folder of general edits (image + same-name .txt instruction); feeds the general stream")
     base: str = knob("Qwen/Qwen-Image-Edit-2509", "hub id or local folder of the base pipeline; 'tiny' = random tiny model")
-    out: str = knob("collectionlora_out", "output folder: lora/, checkpoints/, cache/")
+    image_size: int = knob(0, "side in pixels of the output (VAE) image area, a multiple of 32; 0 = the pipeline's "
+                              "(1024; 64 for --base tiny). Lower it for a small base trained on small pictures")
+    condition_size: int = knob(0, "side in pixels of the condition image area the text encoder sees, a multiple of 32; "
+                                  "0 = the pipeline's (384; 64 for --base tiny)")
+    out: str = knob("collectionlora_out", "output folder: lora/, preview.png, checkpoints/, cache/")
     cache_dir: str = knob("", "teacher-target and LoRA cache; empty = <out>/cache")
     seed: int = knob(0, "seeds the model init, the router and all noise")
     # schedule (paper: 5,000 generator steps = 25,000 iterations at gen_every 5)
@@ -146,19 +147,36 @@ class OneLineErrors(argparse.ArgumentParser):
 def parse_config(argv=None) -> Config:
     """The CLI is generated from Config: one flag per field, help = the reason for its default."""
     p = OneLineErrors(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="example: python collectionlora.py --teachers my_effects/ --general my_edits/ "
-                                       "--out runs/mine   (README: the teachers-folder format and a CPU demo)")
+                      epilog="example: python collectionlora.py --teachers my_effects/ --general my_edits/ "
+                             "--out runs/mine   (README: the teachers-folder format and a CPU demo)")
     for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
-            p.add_argument(f"--{f.name}", default=default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        elif isinstance(default, tuple):
-            p.add_argument(f"--{f.name}", default=default, nargs="+", help=f.metadata["help"])
-        else:
-            p.add_argument(f"--{f.name}", default=default, type=type(default), help=f.metadata["help"])
+        how = ({"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else
+               {"nargs": "+"} if isinstance(f.default, tuple) else {"type": type(f.default)})
+        p.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"], **how)
     args = vars(p.parse_args(argv))
-    args["target_modules"] = tuple(args["target_modules"])
-    return Config(**args)
+    return Config(**args | {"target_modules": tuple(args["target_modules"])})
+
+
+def check_config(c: Config) -> None:
+    """Every number in range (NaN fails every comparison, so it is refused too)."""
+    rules = {"max_steps": c.max_steps >= 1, "p_switch": 0 <= c.p_switch <= 1, "lr": c.lr > 0,
+             "critic_lr": c.critic_lr > 0, "rank": c.rank >= 1, "alpha": c.alpha > 0, "gen_every": c.gen_every >= 1,
+             "route_every": c.route_every >= 1, "student_steps": c.student_steps >= 1, "shift": c.shift > 0,
+             "teacher_steps": c.teacher_steps >= 1, "guidance": c.guidance >= 1, "grad_clip": c.grad_clip > 0,
+             "beta1": 0 <= c.beta1 < 1, "beta2": 0 <= c.beta2 < 1, "weight_decay": c.weight_decay >= 0,
+             "ts_last_k": 1 <= c.ts_last_k <= c.student_steps, "ts_t_min": 0 <= c.ts_t_min < 1000,
+             "w_ts": c.w_ts >= 0, "w_fm": c.w_fm >= 0, "log_every": c.log_every >= 1, "save_every": c.save_every >= 1,
+             "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1,
+             # the pipeline rounds each side to a multiple of 32 (calculate_dimensions): 40 would silently become 32
+             "image_size": c.image_size >= 0 and c.image_size % 32 == 0,
+             "condition_size": c.condition_size >= 0 and c.condition_size % 32 == 0}
+    for flag, ok in rules.items():
+        if not ok:
+            raise InputError(f"--{flag} {getattr(c, flag)} is invalid -- see `--help` for its meaning and default")
+    if not c.teachers:
+        raise InputError("--teachers is required -- pass a folder with one sub-folder per effect (see --help)")
+    if c.resume and c.overwrite:
+        raise InputError("--resume and --overwrite contradict each other -- pass one of them")
 
 
 # ---- Flow-matching maths (diffusers' FlowMatchEulerDiscreteScheduler convention) ----
@@ -215,7 +233,7 @@ def student_scheduler(cfg: Config):
 
 # ---- Model family: Qwen-Image-Edit (the only family-specific section) ----
 # Everything the algorithm needs from a model family: load a pipeline, encode (prompt, source image)
-# once, and predict v. A second family (FLUX.1 Kontext) replaces exactly these functions.
+# once, predict v, decode. A second family (FLUX.1 Kontext) replaces exactly these functions.
 
 @dataclass
 class EditInputs:
@@ -231,25 +249,62 @@ class EditInputs:
                                    image_latents=move(self.image_latents))
 
 
+class ImageOnlyProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without its video processor, which would need torchvision (we only edit images)."""
+    def __init__(self, image_processor, tokenizer):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+
+
+STOCK_PROCESSOR = ("transformers", "Qwen2VLProcessor")  # model_index.json entry: a saved pipeline keeps the hub layout
+
+
 def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The base editing pipeline: a hub id / local folder, or 'tiny' (random, built in code)."""
+    """The base editing pipeline: 'tiny' (random, built in code), or a hub id / local folder laid out as
+    Qwen/Qwen-Image-Edit-2509 (tokenizer/, processor/, ...), whose processor we build image-only."""
     if base == "tiny":
         return build_tiny_pipeline(seed).to(device)
     from diffusers import QwenImageEditPlusPipeline
     from huggingface_hub import constants
+    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
     if Path(base).exists() and not (Path(base) / "model_index.json").is_file():
         raise InputError(f"--base '{base}' is not a diffusers pipeline folder (no model_index.json) -- pass the "
                          f"folder `hf download Qwen/Qwen-Image-Edit-2509 --local-dir <folder>` writes, or a hub id")
+    offline = constants.HF_HUB_OFFLINE
     try:
-        return QwenImageEditPlusPipeline.from_pretrained(base, dtype=dtype, local_files_only=constants.HF_HUB_OFFLINE
-                                                         ).to(device)
+        tokenizer = Qwen2Tokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=offline)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(base, subfolder="processor", local_files_only=offline)
+        pipe = QwenImageEditPlusPipeline.from_pretrained(base, tokenizer=tokenizer, dtype=dtype, local_files_only=offline,
+                                                         processor=ImageOnlyProcessor(image_processor, tokenizer)).to(device)
     except (OSError, ValueError) as e:  # not cached and no network, or not a valid repo id
         raise InputError(f"--base '{base}' could not be loaded: {str(e).splitlines()[0].split('. ')[0][:200]} -- download it first "
                          f"with `hf download {base}` where there is internet, or pass a local folder") from e
+    pipe.register_to_config(processor=STOCK_PROCESSOR)
+    return pipe
+
+
+@contextlib.contextmanager
+def tiny_image_sizes(condition: int = 64 * 64, vae: int = 64 * 64):
+    """The stock pipeline resizes every input to the module-global areas 384^2 (condition image) and 1024^2
+    (VAE image), whatever you pass; a small model needs small images, so set them (and restore them afterwards)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
+    old = qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE
+    qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = condition, vae
+    try:
+        yield
+    finally:
+        qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = old
+
+
+def image_sizes(cfg: Config):
+    """This run's image areas: --condition_size / --image_size; when 0, 64 for --base tiny, else left as they are."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
+    tiny = 64 if cfg.base == "tiny" else 0
+    return tiny_image_sizes((cfg.condition_size or tiny) ** 2 or qwen.CONDITION_IMAGE_SIZE,
+                            (cfg.image_size or tiny) ** 2 or qwen.VAE_IMAGE_SIZE)
 
 
 def _qwen_sizes(image):
-    """Condition-image and VAE-image sizes exactly as QwenImageEditPlusPipeline computes them."""
+    """Condition-image and VAE-image sizes (w, h) exactly as QwenImageEditPlusPipeline computes them."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
     ratio = image.size[0] / image.size[1]
     return qwen.calculate_dimensions(qwen.CONDITION_IMAGE_SIZE, ratio), qwen.calculate_dimensions(qwen.VAE_IMAGE_SIZE, ratio)
@@ -261,8 +316,7 @@ def encode(pipe, image, prompt: str) -> EditInputs:
     stock pipeline resizes them, so that training sees what `pipe(...)` will see at inference."""
     (cw, ch), (vw, vh) = _qwen_sizes(image)
     device = pipe.transformer.device
-    cond_image = pipe.image_processor.resize(image, ch, cw)
-    embeds, mask = pipe.encode_prompt(prompt=[prompt], image=[cond_image], device=device)
+    embeds, mask = pipe.encode_prompt(prompt=[prompt], image=[pipe.image_processor.resize(image, ch, cw)], device=device)
     vae_image = pipe.image_processor.preprocess(image, vh, vw).unsqueeze(2)  # (1, 3, 1, H, W)
     channels = pipe.transformer.config.in_channels // 4
     _, image_latents = pipe.prepare_latents([vae_image], 1, channels, vh, vw, pipe.transformer.dtype, device, None)
@@ -281,17 +335,13 @@ def predict_v(transformer, x_t, sigma, c: EditInputs):
     return v[:, : x_t.shape[1]].float()  # (1, L, 4C)
 
 
-@contextlib.contextmanager
-def tiny_image_sizes(condition: int = 64 * 64, vae: int = 64 * 64):
-    """The stock pipeline resizes every input to 384^2 / 1024^2 pixels; a tiny model needs tiny
-    images, so lower those module globals (and restore them afterwards)."""
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
-    old = qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE
-    qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = condition, vae
-    try:
-        yield
-    finally:
-        qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = old
+@torch.no_grad()
+def decode(pipe, latents, width: int, height: int):
+    """Packed latents (1, L, 4C) -> a PIL image, exactly as the stock pipeline decodes its output."""
+    x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(pipe.vae.device, pipe.vae.dtype)  # (1,C,1,h,w)
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(x)
+    inv_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1).to(x)
+    return pipe.image_processor.postprocess(pipe.vae.decode(x / inv_std + mean, return_dict=False)[0][:, :, 0])[0]
 
 
 def build_tiny_pipeline(seed: int = 0):
@@ -300,13 +350,7 @@ def build_tiny_pipeline(seed: int = 0):
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
                            QwenImageTransformer2DModel)
     from tokenizers import pre_tokenizers
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer,
-                              Qwen2VLImageProcessorPil, Qwen2VLProcessor)
-
-    class ImageOnlyProcessor(Qwen2VLProcessor):  # the stock video processor would need torchvision
-        def __init__(self, image_processor, tokenizer):
-            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
-
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
     torch.manual_seed(seed)
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
@@ -320,23 +364,23 @@ def build_tiny_pipeline(seed: int = 0):
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                          rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[1, 1, 2]),
                          bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>")),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1]),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))).eval()
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                              attention_head_dim=16, num_attention_heads=3,
-                                              joint_attention_dim=hidden, axes_dims_rope=(8, 4, 4)).eval()
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                              num_attention_heads=3, joint_attention_dim=hidden, axes_dims_rope=(8, 4, 4)).eval()
     # A Qwen-Image-like scheduler (dynamic shifting): the teachers' sampler, not the student's.
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                                                 base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
                                                 time_shift_type="exponential")
-    return QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    pipe = QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                      processor=ImageOnlyProcessor(Qwen2VLImageProcessorPil(), tokenizer),
                                      transformer=transformer)
+    pipe.register_to_config(processor=STOCK_PROCESSOR)  # so save_pretrained writes a folder load_pipeline reads
+    return pipe
 
 
 # ---- Adapters on one shared base: student, critic and the teacher slot ----
@@ -367,7 +411,7 @@ def add_trainable_adapters(transformer, cfg: Config):
             p.data = p.data.float()  # important! trainable LoRA weights stay fp32 under bf16 autocast
 
 
-# ---- Teacher bank: the --teachers folder, normalised, memory-mapped, swapped into one slot ----
+# ---- Reading the user's folders: everything is checked before anything is written ----
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -404,19 +448,18 @@ def list_images(folder: Path) -> list:
 
 def read_teachers(folder) -> list:
     """--teachers format: <folder>/<effect>/{*.safetensors, effect.json, images/}; effect.json needs
-    "instruction" and may set "trigger", "student_prompt", "weight". Reads and checks, writes nothing."""
+    "instruction" and may set "trigger", "student_prompt", "weight"."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--teachers '{folder}' is not a folder -- pass a folder with one sub-folder per effect")
     if (folder / "effect.json").is_file() or any(folder.glob("*.safetensors")):
         raise InputError(f"--teachers '{folder}' looks like ONE effect -- pass its parent folder (one sub-folder per effect)")
-    effects, triggers = [], {}
+    effects = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        loras = sorted(sub.glob("*.safetensors"))
+        loras, meta_file = sorted(sub.glob("*.safetensors")), sub / "effect.json"
         if len(loras) != 1:
             raise InputError(f"'{sub}' must hold exactly one *.safetensors LoRA file, found {len(loras)} -- keep one "
                              f"(.bin/.pt/.ckpt files are never read: they can execute code; convert them)")
-        meta_file = sub / "effect.json"
         if not meta_file.is_file():
             raise InputError(f"'{sub}' has no effect.json -- add one with {{\"instruction\": \"...\"}}")
         try:
@@ -432,40 +475,83 @@ def read_teachers(folder) -> list:
             raise InputError(f"'{sub / 'images'}' holds no images ({', '.join(IMAGE_EXTS)}) -- add some or remove it")
         e = Effect(sub.name, meta["instruction"], loras[0], images, meta.get("trigger", ""),
                    meta.get("student_prompt", ""), meta["weight"])
-        if e.trigger in triggers:  # empty (automatic) triggers are never stored
-            raise InputError(f"effects '{triggers[e.trigger]}' and '{e.name}' share the trigger '{e.trigger}' -- "
+        twin = next((o for o in effects if e.trigger and o.trigger == e.trigger), None)  # empty: chosen later
+        if twin:
+            raise InputError(f"effects '{twin.name}' and '{e.name}' share the trigger '{e.trigger}' -- "
                              f"make it unique in one effect.json")
-        if e.trigger:
-            triggers[e.trigger] = e.name
         effects.append(e)
     if not effects:
         raise InputError(f"--teachers '{folder}' has no effect sub-folders -- see README 'The teachers folder'")
     return effects
 
 
-def read_general(folder) -> list:
-    """--general format: images with a same-name .txt file holding the edit instruction."""
-    if not folder:
-        return []
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"--general '{folder}' is not a folder -- pass a folder of images with .txt instructions")
-    edits = [GeneralEdit(p, p.with_suffix(".txt").read_text().strip())
-             for p in list_images(folder) if p.with_suffix(".txt").is_file()]
-    if not edits:
-        raise InputError(f"--general '{folder}' has no image with a same-name .txt instruction")
-    return edits
-
-
 def read_inputs(cfg: Config):
-    """Both user folders, read and checked before anything is written. Returns (effects, general edits)."""
-    effects, general = read_teachers(cfg.teachers), read_general(cfg.general)
+    """--out, --teachers and --general, read and checked before anything is written. Returns (effects, general
+    edits); --general holds images with a same-name .txt file holding the edit instruction."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file -- pass a folder name")
+    previous = any((out / "checkpoints").glob("step_*.pt"))
+    if (previous or (out / "lora").exists()) and not (cfg.resume or cfg.overwrite):
+        raise InputError(f"--out '{out}' holds a previous run -- pass --resume to continue it, --overwrite to "
+                         f"start afresh, or another --out")
+    if cfg.resume and not previous:
+        raise InputError(f"--resume: no checkpoint in '{out / 'checkpoints'}' -- run once without --resume first")
+    effects, general = read_teachers(cfg.teachers), []
+    if cfg.general:
+        folder = Path(cfg.general)
+        if not folder.is_dir():
+            raise InputError(f"--general '{folder}' is not a folder -- pass a folder of images with .txt instructions")
+        general = [GeneralEdit(p, p.with_suffix(".txt").read_text().strip())
+                   for p in list_images(folder) if p.with_suffix(".txt").is_file()]
+        if not general:
+            raise InputError(f"--general '{folder}' has no image with a same-name .txt instruction")
     for e in effects:
         if not e.images and not general:
             raise InputError(f"effect '{e.name}' has no images/ folder and there is no --general folder "
                              f"to borrow source images from -- add one of them")
     return effects, general
 
+
+def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
+    """Read any LoRA format diffusers converts (diffusers, peft, kohya, ComfyUI) with the pipeline's
+    own `lora_state_dict`, check it against the base, and return it as {module}.A (r, in) /
+    {module}.B (out, r) with the LoRA scale alpha/r folded into B."""
+    try:
+        sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), use_safetensors=True,  # never unpickle a LoRA
+                                                    return_lora_metadata=True)
+    except Exception as e:  # not safetensors, truncated, or a layout diffusers cannot convert
+        raise InputError(f"{lora_file} is not a readable safetensors LoRA ({type(e).__name__}: "
+                         f"{str(e)[:100]}) -- re-download or re-export it") from e
+    config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}  # peft LoraConfig fields
+    modules, out, unmatched = dict(transformer.named_modules()), {}, []
+    for key, A in ((k, v) for k, v in sd.items() if ".lora_A." in k):
+        module = key.split(".lora_A.")[0].removeprefix("transformer.").removeprefix("base_model.model.")
+        if module not in modules:
+            unmatched.append(key)
+            continue
+        B, W = sd.get(key.replace(".lora_A.", ".lora_B."), torch.empty(0, 0)), modules[module].weight
+        if B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != W.shape[:2]:  # (a missing B is 0 x 0)
+            raise InputError(f"{lora_file}: '{module}' has LoRA shapes {tuple(B.shape)} x {tuple(A.shape)}, the base "
+                             f"needs ({W.shape[0]}, r) x (r, {W.shape[1]}) -- is this LoRA for another model size?")
+        # diffusers files carry alpha in their peft config (metadata); kohya/ComfyUI alphas are folded
+        # into the weights by lora_state_dict; files with neither mean alpha = rank (diffusers' rule).
+        rank, alpha = A.shape[0], config.get("lora_alpha", A.shape[0])
+        for pattern, a in (config.get("alpha_pattern") or {}).items():
+            if module == pattern or module.endswith("." + pattern):
+                alpha = a
+        out[f"{module}.A"], out[f"{module}.B"] = A.float().contiguous(), (B.float() * (alpha / rank)).contiguous()
+        if not (out[f"{module}.A"].isfinite().all() and out[f"{module}.B"].isfinite().all()):
+            raise InputError(f"{lora_file}: '{module}' holds NaN/inf weights -- the file is broken, re-export it")
+    if unmatched:
+        raise InputError(f"{lora_file}: {len(unmatched)} of its LoRA layers are not in the base transformer (e.g. "
+                         f"{', '.join(unmatched[:3])}) -- is this LoRA made for another base model?")
+    if not out:
+        raise InputError(f"{lora_file} holds no LoRA weights (lora_A/lora_B, lora_down/lora_up) -- is it a LoRA?")
+    return out
+
+
+# ---- Teacher bank: the --teachers LoRAs, normalised, memory-mapped, swapped into one slot ----
 
 def file_hash(path) -> str:
     h = hashlib.sha256()
@@ -475,54 +561,11 @@ def file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+def atomic_save(obj, path: Path, save=torch.save) -> None:
+    """save(obj, temporary name), then rename: a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path.with_suffix(".tmp"))
+    save(obj, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
-
-
-def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
-    """Read any LoRA format diffusers converts (diffusers, peft, kohya, ComfyUI) with the pipeline's
-    own `lora_state_dict`, check it against the base, and return it as {module}.A (r, in) /
-    {module}.B (out, r) with the LoRA scale alpha/r folded into B. Anything wrong is an InputError."""
-    try:
-        sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), use_safetensors=True,  # never unpickle a LoRA
-                                                    return_lora_metadata=True)
-    except Exception as e:  # not safetensors, truncated, or a layout diffusers cannot convert
-        raise InputError(f"{lora_file} is not a readable safetensors LoRA ({type(e).__name__}: "
-                         f"{str(e)[:100]}) -- re-download or re-export it") from e
-    config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}  # peft LoraConfig fields
-    modules = dict(transformer.named_modules())
-    out, unmatched = {}, []
-    for key, A in sd.items():
-        if ".lora_A." not in key:
-            continue
-        module = key.split(".lora_A.")[0].removeprefix("transformer.").removeprefix("base_model.model.")
-        if module not in modules:
-            unmatched.append(key)
-            continue
-        B, W = sd.get(key.replace(".lora_A.", ".lora_B."), torch.empty(0, 0)), modules[module].weight
-        if B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != W.shape[:2]:  # (a missing B is 0 x 0)
-            raise InputError(f"{lora_file}: '{module}' has LoRA shapes {tuple(B.shape)} x {tuple(A.shape)}, the base "
-                             f"needs ({W.shape[0]}, r) x (r, {W.shape[1]}) -- is this LoRA for another model size?")
-        rank = A.shape[0]
-        # diffusers files carry alpha in their peft config (metadata); kohya/ComfyUI alphas are folded
-        # into the weights by lora_state_dict; files with neither mean alpha = rank (diffusers' rule).
-        alpha = config.get("lora_alpha", rank)
-        for pattern, a in (config.get("alpha_pattern") or {}).items():
-            if module == pattern or module.endswith("." + pattern):
-                alpha = a
-        out[f"{module}.A"] = A.float().contiguous()
-        out[f"{module}.B"] = (B.float() * (alpha / rank)).contiguous()
-        if not (out[f"{module}.A"].isfinite().all() and out[f"{module}.B"].isfinite().all()):
-            raise InputError(f"{lora_file}: '{module}' holds NaN/inf weights -- the file is broken, re-export it")
-    if unmatched:
-        raise InputError(f"{lora_file}: {len(unmatched)} of its LoRA layers are not in the base transformer (e.g. "
-                         f"{', '.join(unmatched[:3])}) -- is this LoRA made for another base model?")
-    if not out:
-        raise InputError(f"{lora_file} holds no LoRA weights (lora_A/lora_B, lora_down/lora_up) -- is it a LoRA?")
-    return out
 
 
 class TeacherBank:
@@ -544,9 +587,7 @@ class TeacherBank:
         for e, _ in new:  # check every new file before writing any: a bad teacher leaves nothing behind
             read_lora(e.lora_file, type(pipe), pipe.transformer)
         for e, f in new:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            save_file(read_lora(e.lora_file, type(pipe), pipe.transformer), str(f.with_suffix(".tmp")))
-            os.replace(f.with_suffix(".tmp"), f)
+            atomic_save(read_lora(e.lora_file, type(pipe), pipe.transformer), f, lambda sd, tmp: save_file(sd, str(tmp)))
         shapes = {}  # module -> max rank
         for f in self.files:
             with safe_open(str(f), framework="pt") as sf:
@@ -566,7 +607,6 @@ class TeacherBank:
         from safetensors import safe_open
         if self.active == index:
             return
-        weight = self.effects[index].weight
         with safe_open(str(self.files[index]), framework="pt") as sf:
             keys = set(sf.keys())
             for name, module in self.slot.items():
@@ -576,7 +616,7 @@ class TeacherBank:
                 if f"{name}.A" in keys:  # shapes were checked against the base by read_lora
                     A, B = sf.get_tensor(f"{name}.A"), sf.get_tensor(f"{name}.B")
                     A_slot[: A.shape[0]] = A.to(A_slot)
-                    B_slot[:, : B.shape[1]] = (B * weight).to(B_slot)
+                    B_slot[:, : B.shape[1]] = (B * self.effects[index].weight).to(B_slot)
         self.active = index
 
 
@@ -590,11 +630,9 @@ class Route:
 
 
 class Router:
-    """Each period of `route_every` steps: the effect stream with probability p_switch (a uniformly
-    drawn effect, whose LoRA becomes the teacher), else the general stream (teacher = base). Within
-    a period each step draws a source image. Without --general data every period is an effect period.
-    Every draw is a pure function of (seed, step), so runs are reproducible, a resumed run sees the
-    same data, and the visit counts need no state."""
+    """Each period of `route_every` steps is the effect stream with probability p_switch (a uniformly drawn effect,
+    whose LoRA becomes the teacher), else the general stream (teacher = base); without --general data, always the
+    effect stream. Each step draws a source image. Every draw is a pure function of (seed, step): reproducible."""
 
     def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int):
         self.n_effects, self.pool_sizes, self.n_general = n_effects, pool_sizes, n_general
@@ -607,13 +645,6 @@ class Router:
         pool = self.pool_sizes[effect] if effect_stream else self.n_general
         source = random.Random(f"{self.seed}/step/{step}").randrange(pool)
         return Route("effect" if effect_stream else "general", effect, source)
-
-    def visits(self, steps: int) -> list:
-        """Steps per effect over the first `steps` steps; the last entry is the general stream."""
-        counts = [0] * (self.n_effects + 1)
-        for step in range(steps):
-            counts[self.route(step).effect] += 1  # effect -1 is the general stream's slot
-        return counts
 
 
 # ---- Prompts: Asymmetric Orthogonal Prompting (AOP) ----
@@ -628,18 +659,13 @@ def prompt_embedding(pipe, prompt: str) -> torch.Tensor:
 
 def max_pairwise_cosine(vectors: torch.Tensor) -> float:
     v = F.normalize(vectors.float(), dim=-1)
-    cos = v @ v.T
-    return (cos - 2 * torch.eye(len(v))).max().item() if len(v) > 1 else 0.0
+    return ((v @ v.T) - 2 * torch.eye(len(v))).max().item() if len(v) > 1 else 0.0
 
 
 def random_trigger(rng: random.Random, name: str) -> str:
     """Paper-style unique token string, e.g. <0417_sepia_Kq3951>."""
     letters = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjkmnpqrstuvwxyz") for _ in range(2))
     return f"<{rng.randrange(10000):04d}_{name}_{letters}{rng.randrange(10000):04d}>"
-
-
-def student_prompt_of(trigger: str, instruction: str) -> str:
-    return f"{trigger} {instruction}"
 
 
 def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dict:
@@ -649,30 +675,19 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dic
     largest pairwise cosine of the naive choice (first candidate) and of the chosen one."""
     rng = random.Random(f"{seed}/triggers")
     empty = prompt_embedding(pipe, "")  # subtracted, so the shared chat template does not dominate the cosine
-
-    def embed(prompt):
-        return prompt_embedding(pipe, prompt) - empty
-
     naive, chosen = [], []
     for e in effects:
-        if e.trigger or e.student_prompt:  # fixed by the user's effect.json
-            emb = embed(e.student_prompt or student_prompt_of(e.trigger, e.instruction))
-            naive.append(emb)
-            chosen.append(emb)
-            continue
-        pool = [random_trigger(rng, e.name) for _ in range(candidates)]
-        embs = [embed(student_prompt_of(t, e.instruction)) for t in pool]
-        naive.append(embs[0])
-        if chosen:
-            worst = [max_pairwise_cosine(torch.stack(chosen + [x])) for x in embs]
-            best = min(range(candidates), key=worst.__getitem__)
-        else:
-            best = 0
+        fixed = e.trigger or e.student_prompt  # set by the user's effect.json
+        pool = [e.trigger] if fixed else [random_trigger(rng, e.name) for _ in range(candidates)]
+        embs = [prompt_embedding(pipe, e.student_prompt or f"{t} {e.instruction}") - empty for t in pool]
+        worst = [max_pairwise_cosine(torch.stack(chosen + [x])) for x in embs]
+        best = min(range(len(pool)), key=worst.__getitem__)  # the first one while nothing is chosen
         e.trigger = pool[best]
+        naive.append(embs[0])
         chosen.append(embs[best])
     prompts = {}
     for e in effects:
-        e.student_prompt = e.student_prompt or student_prompt_of(e.trigger, e.instruction)
+        e.student_prompt = e.student_prompt or f"{e.trigger} {e.instruction}"
         if e.student_prompt in prompts:
             raise InputError(f"effects '{prompts[e.student_prompt]}' and '{e.name}' have the same student prompt "
                              f"'{e.student_prompt}' -- give one of them its own trigger or student_prompt")
@@ -681,7 +696,7 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dic
             "chosen_max_cos": max_pairwise_cosine(torch.stack(chosen))}
 
 
-# ---- Teacher targets (the official "base_pred"): the teacher's own full-step output ----
+# ---- Data: every (prompt, image) encoded once, every teacher target ("base_pred") computed once ----
 
 def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler):
     """The teacher's output latents for (effect, source image): the stock pipeline with the effect's
@@ -725,8 +740,6 @@ def cached_encode(pipe, image_path: Path, prompt: str, cfg: Config) -> EditInput
     return EditInputs(d["embeds"], d.get("mask"), d["image_latents"], d["img_shapes"])
 
 
-# ---- Data: every (prompt, image) encoded once, teacher targets computed once ----
-
 @dataclass
 class Batch:
     student: EditInputs             # AOP: the student's (and critic's) prompt
@@ -746,7 +759,6 @@ class EditData:
         self.effects = effects
         self.pools = [e.images or [g.image for g in general] for e in effects]  # read_inputs: none is empty
         enc = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg))
-
         jobs = [(i, p) for i, pool in enumerate(self.pools) for p in pool]
         self.effect_inputs, self.targets = {}, {}
         for i, p in tqdm(jobs, desc="teacher targets", disable=not jobs):
@@ -765,9 +777,8 @@ class EditData:
 
 
 def prepare(pipe, cfg: Config, effects: list, general: list):
-    """Everything before the loop: the teacher slot, the triggers (AOP), every input encoded and every
-    teacher target computed. The pipeline keeps the student's scheduler; the base's own one makes the
-    teacher targets. Returns (TeacherBank, EditData, AOP report)."""
+    """Everything before the loop: the triggers (AOP), the teacher slot, every input encoded and every teacher target
+    computed (by the base's own scheduler; the pipeline keeps the student's). Returns (TeacherBank, EditData, AOP report)."""
     pipe.set_progress_bar_config(disable=True)
     teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)
     aop = choose_triggers(pipe, effects, cfg.seed)  # may still refuse the input: before anything is written
@@ -809,16 +820,12 @@ def dmd_term(transformer, x0_hat, b: Batch, sigma, cfg: Config, gen):
     x_t = add_noise(x0_hat.detach(), eps, sigma)  # (1, L, 4C)
     with torch.no_grad():
         use_adapter(transformer, b.teacher_adapter)
-        real_x0 = x0_from_v(x_t, cfg_guided(transformer, x_t, sigma, b, cfg.guidance), sigma)
+        v_real = predict_v(transformer, x_t, sigma, b.teacher)
+        if cfg.guidance != 1:  # g = 1 needs no unconditional pass
+            v_real = classifier_free_guidance(predict_v(transformer, x_t, sigma, b.negative), v_real, cfg.guidance)
         use_adapter(transformer, "critic")
         fake_x0 = x0_from_v(x_t, predict_v(transformer, x_t, sigma, b.student), sigma)
-    return dmd_loss(x0_hat, real_x0, fake_x0)
-
-
-def cfg_guided(transformer, x_t, sigma, b: Batch, g: float):
-    """The real score: the teacher's velocity with classifier-free guidance (g = 1 skips the uncond pass)."""
-    v_cond = predict_v(transformer, x_t, sigma, b.teacher)
-    return v_cond if g == 1 else classifier_free_guidance(predict_v(transformer, x_t, sigma, b.negative), v_cond, g)
+    return dmd_loss(x0_hat, x0_from_v(x_t, v_real, sigma), fake_x0)
 
 
 def student_x0(transformer, x_t, sigma, c: EditInputs):
@@ -898,7 +905,7 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
     return logs | {"critic": loss.item(), "skipped": skipped}
 
 
-# ---- Train loop, checkpoints, export ----
+# ---- Train loop, checkpoints, export, preview ----
 
 @contextlib.contextmanager
 def deferred_signals():
@@ -921,29 +928,9 @@ def deferred_signals():
             signal.signal(s, h)
 
 
-def check_config(c: Config) -> None:
-    """Every number in range (NaN fails every comparison, so it is refused too)."""
-    rules = {"max_steps": c.max_steps >= 1, "p_switch": 0 <= c.p_switch <= 1, "lr": c.lr > 0,
-             "critic_lr": c.critic_lr > 0, "rank": c.rank >= 1, "alpha": c.alpha > 0, "gen_every": c.gen_every >= 1,
-             "route_every": c.route_every >= 1, "student_steps": c.student_steps >= 1, "shift": c.shift > 0,
-             "teacher_steps": c.teacher_steps >= 1, "guidance": c.guidance >= 1, "grad_clip": c.grad_clip > 0,
-             "beta1": 0 <= c.beta1 < 1, "beta2": 0 <= c.beta2 < 1, "weight_decay": c.weight_decay >= 0,
-             "ts_last_k": 1 <= c.ts_last_k <= c.student_steps, "ts_t_min": 0 <= c.ts_t_min < 1000,
-             "w_ts": c.w_ts >= 0, "w_fm": c.w_fm >= 0, "log_every": c.log_every >= 1, "save_every": c.save_every >= 1,
-             "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1}
-    for flag, ok in rules.items():
-        if not ok:
-            raise InputError(f"--{flag} {getattr(c, flag)} is invalid -- see `--help` for its meaning and default")
-    if not c.teachers:
-        raise InputError("--teachers is required -- pass a folder with one sub-folder per effect (see --help)")
-    if c.resume and c.overwrite:
-        raise InputError("--resume and --overwrite contradict each other -- pass one of them")
-
-
 def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, gen, keep: int):
     """Everything needed to continue bit-exactly: both LoRAs, both optimisers and the RNG (the router
-    needs nothing: its draws are a function of the step). Written to a temporary name and renamed,
-    so a crash never leaves a half-written checkpoint."""
+    needs nothing: its draws are a function of the step), written atomically; keeps the last `keep`."""
     from peft.utils import get_peft_model_state_dict
     state = {"step": step, "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(),
              "gen": gen.get_state(), **{name: {k: v.detach().cpu().clone() for k, v in
@@ -969,9 +956,8 @@ def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> in
 
 
 def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict) -> Path:
-    """The student as a stock diffusers LoRA folder: pytorch_lora_weights.safetensors (+ its peft
-    config, so alpha is restored), scheduler/ (the 8-step sampler), collectionlora.json (triggers,
-    student prompts, base, sampler). `pipe.load_lora_weights(folder)` loads it."""
+    """The student as a stock diffusers LoRA folder: pytorch_lora_weights.safetensors (+ its peft config, so alpha is
+    restored), scheduler/ (the 8-step sampler), collectionlora.json (triggers, student prompts, base, sampler)."""
     from peft.utils import get_peft_model_state_dict
     out = Path(cfg.out) / "lora"
     tmp = out.with_name("lora.tmp")
@@ -980,17 +966,14 @@ def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict
     type(pipe).save_lora_weights(tmp, transformer_lora_layers=lora,
                                  transformer_lora_adapter_metadata=pipe.transformer.peft_config["student"].to_dict())
     student_scheduler(cfg).save_pretrained(tmp / "scheduler")
-    import diffusers
-    import peft
-    import transformers
     meta = {"base": cfg.base, "paper": "arXiv 2605.25378",
             "sampler": {"num_inference_steps": cfg.student_steps, "true_cfg_scale": 1.0, "scheduler": "scheduler/",
                         "sigmas": [round(s, 6) for s in student_sigmas(cfg.student_steps, cfg.shift).tolist()]},
             "effects": [{"name": e.name, "trigger": e.trigger, "student_prompt": e.student_prompt,
                          "teacher_instruction": e.instruction, "teacher_sha256_16": h}
                         for e, h in zip(effects, bank.hashes)],
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "peft": peft.__version__, "transformers": transformers.__version__},
+            "versions": {"python": sys.version.split()[0]} | {m: importlib.import_module(m).__version__
+                                                             for m in ("torch", "diffusers", "peft", "transformers")},
             "config": dataclasses.asdict(cfg), **extra}
     (tmp / "collectionlora.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
@@ -1000,18 +983,41 @@ def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict
 
 @torch.no_grad()
 def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | None, seeds=(0, 1)) -> list:
-    """Per effect: mean squared distance between the student's 8-step output (latents) and the
-    teacher's full-step output, on the effect's first source image. A private RNG keeps training
-    reproducible whether or not this runs."""
+    """Per effect: mean squared distance between the student's 8-step output (latents) and the teacher's full-step
+    output, on the effect's first source image. A private RNG keeps training reproducible whether or not this runs."""
     out = []
     for i in range(len(data.effects)):
         path = data.pools[i][0]
-        c = data.effect_inputs[i, path][0].to(sigmas.device)
-        y = data.targets[i, path].to(sigmas.device)
+        c, y = data.effect_inputs[i, path][0].to(sigmas.device), data.targets[i, path].to(sigmas.device)
         use_adapter(transformer, adapter)
         d = [F.mse_loss(backward_simulation(transformer, c, sigmas, len(sigmas),
                                             torch.Generator(sigmas.device).manual_seed(s)), y).item() for s in seeds]
         out.append(sum(d) / len(d))
+    return out
+
+
+def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 2) -> Path:
+    """<out>/preview.png, one row per effect (the first `rows`) on its first source image, `gap` white pixels apart:
+    the source as the pipeline resizes it | the teacher's cached target | the student (stock pipeline, seed cfg.seed)."""
+    from PIL import Image
+    use_adapter(pipe.transformer, "student")
+    cells = []  # per row: source | teacher | student, at the pipeline's output size
+    for i, e in enumerate(data.effects[:rows]):
+        path = data.pools[i][0]
+        image = Image.open(path).convert("RGB")
+        _, (w, h) = _qwen_sizes(image)
+        student = sample(pipe, image, e.student_prompt, cfg.student_steps, cfg.seed, output_type="latent")
+        cells.append([pipe.image_processor.resize(image, h, w), decode(pipe, data.targets[i, path], w, h),
+                      decode(pipe, student, w, h)])
+    grid = Image.new("RGB", (max(3 * r[0].width + 2 * gap for r in cells), sum(r[0].height + gap for r in cells) - gap),
+                     "white")
+    y = 0
+    for row in cells:
+        for j, cell in enumerate(row):
+            grid.paste(cell, (j * (cell.width + gap), y))
+        y += row[0].height + gap
+    out = Path(cfg.out) / "preview.png"
+    atomic_save(grid, out, lambda image, tmp: image.save(tmp, format="PNG"))
     return out
 
 
@@ -1023,24 +1029,18 @@ def train(cfg: Config) -> Path:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights on GPU, fp32 on CPU
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    out_dir, ckpt_dir = Path(cfg.out), Path(cfg.out) / "checkpoints"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out '{out_dir}' is a file -- pass a folder name")
-    previous = sorted(ckpt_dir.glob("step_*.pt"))
-    if (previous or (out_dir / "lora").exists()) and not (cfg.resume or cfg.overwrite):
-        raise InputError(f"--out '{out_dir}' holds a previous run -- pass --resume to continue it, --overwrite to "
-                         f"start afresh, or another --out")
-    if cfg.resume and not previous:
-        raise InputError(f"--resume: no checkpoint in '{ckpt_dir}' -- run once without --resume first")
     effects, general = read_inputs(cfg)
+    ckpt_dir = Path(cfg.out) / "checkpoints"
 
     # --- models: ONE base transformer carries the teacher slot, the student and the critic ---
     pipe = load_pipeline(cfg.base, device, dtype, cfg.seed)
     transformer = pipe.transformer.requires_grad_(False)
-    bank, data, aop = prepare(pipe, cfg, effects, general)  # the last step that may refuse the input
+    with image_sizes(cfg):
+        bank, data, aop = prepare(pipe, cfg, effects, general)  # the last step that may refuse the input
     if cfg.overwrite:  # only now: a refused run leaves the previous one intact
-        for old in (ckpt_dir, out_dir / "lora"):
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(Path(cfg.out) / "lora", ignore_errors=True)
+        (Path(cfg.out) / "preview.png").unlink(missing_ok=True)
     print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive "
           f"triggers -> {aop['chosen_max_cos']:.3f} chosen")
     if device.type == "cuda":  # every input is encoded: the text encoder and VAE can leave the GPU
@@ -1056,11 +1056,11 @@ def train(cfg: Config) -> Path:
     gen = torch.Generator(device).manual_seed(cfg.seed)
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
     start = 0
     if cfg.resume:
-        start = load_checkpoint(previous[-1], transformer, opt_student, opt_critic, gen)
-        print(f"resumed from {previous[-1]} at step {start}")
+        last = max(ckpt_dir.glob("step_*.pt"))
+        start = load_checkpoint(last, transformer, opt_student, opt_critic, gen)
+        print(f"resumed from {last} at step {start}")
 
     # --- the loop: critic every step, student every gen_every ---
     t0, student_logs, nonfinite = time.time(), {}, 0
@@ -1070,8 +1070,8 @@ def train(cfg: Config) -> Path:
             route = router.route(step)
             if route.stream == "effect":
                 bank.swap(route.effect)
-            b = data.batch(route, device)
-            logs = train_step(step, transformer, b, sigmas, opt_student, opt_critic, cfg, gen, autocast)
+            logs = train_step(step, transformer, data.batch(route, device), sigmas, opt_student, opt_critic, cfg, gen,
+                              autocast)
             what = effects[route.effect].name if route.stream == "effect" else "general"
             skipped = logs.pop("skipped")
             nonfinite = nonfinite + 1 if skipped else 0
@@ -1090,21 +1090,27 @@ def train(cfg: Config) -> Path:
                               f"{' and '.join(skipped)} on '{what}') -- checkpoint {path}; lower --lr or check that "
                               f"effect's LoRA, then rerun with --resume", 1)
             if signals:
-                name = signal.Signals(signals[0]).name
                 resume = "--resume instead of --overwrite" if cfg.overwrite else "--resume"
-                raise Stopped(f"{name}: stopped after step {step + 1}, checkpoint {path} -- rerun the same command "
-                              f"with {resume} to continue", 128 + signals[0])
+                raise Stopped(f"{signal.Signals(signals[0]).name}: stopped after step {step + 1}, checkpoint {path} -- "
+                              f"rerun the same command with {resume} to continue", 128 + signals[0])
 
+    # --- everything that follows is export and diagnostics ---
     # the untrained student (LoRA B = 0) is exactly the base, so "before" needs no stored state
     before, after = (distances_to_teachers(transformer, data, sigmas, adapter) for adapter in (None, "student"))
-    counts = router.visits(cfg.max_steps)
-    visits = {e.name: v for e, v in zip(effects, counts)} | {"general": counts[-1]}
+    counts = collections.Counter(router.route(step).effect for step in range(cfg.max_steps))  # draws need no state
+    visits = {e.name: counts[i] for i, e in enumerate(effects)} | {"general": counts[-1]}
     out = export_lora(pipe, cfg, effects, bank, {"aop": aop, "router_visits": visits,
                                                  "distance_to_teacher": {"before": before, "after": after}})
+    del opt_student, opt_critic  # free Adam's moments (and the gradients): the preview needs the encoders back on the device
+    transformer.zero_grad(set_to_none=True)
+    with image_sizes(cfg):
+        preview = write_preview(pipe.to(device), cfg, data)
     print("student 8-step output vs teacher output (latent MSE), before -> after:")
     for e, b0, b1 in zip(effects, before, after):
         print(f"  {e.name:24s} {b0:.4f} -> {b1:.4f}   prompt: {e.student_prompt!r}")
     print(f"router visits: {visits}")
+    print(f"wrote {preview} -- one row per effect (first 16): source | teacher output | student "
+          f"{cfg.student_steps}-step output (student prompt, seed {cfg.seed})")
     print(f"wrote {out} -- load it with pipe.load_lora_weights('{out}')")
     return out
 
@@ -1135,8 +1141,7 @@ def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type:
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
-        with tiny_image_sizes() if cfg.base == "tiny" else contextlib.nullcontext():
-            train(cfg)
+        train(cfg)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from peft.utils import set_peft_model_state_dict
 import torch
@@ -181,6 +182,39 @@ def test_gradients_reach_only_the_adapter_being_trained(teachers, tmp_path):
         assert all(p.grad is None for n, p in pipe.transformer.named_parameters() if "lora" not in n)
 
 
+# ---- base pipelines: a local folder, image sizes ----
+
+def test_a_saved_pipeline_folder_loads_as_base_exactly(tmp_path):
+    pipe = cl.build_tiny_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "base")
+    index = json.loads((tmp_path / "base" / "model_index.json").read_text())
+    assert index["processor"] == ["transformers", "Qwen2VLProcessor"]  # the Qwen-Image-Edit-2509 layout
+    loaded = cl.load_pipeline(str(tmp_path / "base"), torch.device("cpu"), torch.float32)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.processor, cl.ImageOnlyProcessor)  # built by us: no torchvision needed
+    assert torch.equal(transformer_out(loaded.transformer), transformer_out(pipe.transformer))
+    image = random_image(torch.Generator().manual_seed(0))  # tokenizer, processor, text encoder, VAE, scheduler:
+    assert torch.equal(cl.sample(loaded, image, "Make it blue", steps=2, output_type="pt"),
+                       cl.sample(pipe, image, "Make it blue", steps=2, output_type="pt"))
+
+
+def test_image_size_knobs_set_the_pipeline_image_areas(teachers, tmp_path):
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
+    with cl.tiny_image_sizes(condition=1000, vae=2000):  # whatever the caller set
+        for kw, expected in [({"base": "tiny"}, (64 ** 2, 64 ** 2)), ({"base": "tiny", "image_size": 32}, (64 ** 2, 32 ** 2)),
+                             ({"base": "my/base"}, (1000, 2000)),  # 0 = leave the pipeline's areas alone
+                             ({"base": "my/base", "image_size": 96, "condition_size": 128}, (128 ** 2, 96 ** 2))]:
+            with cl.image_sizes(cl.Config(**kw)):
+                assert (qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE) == expected, kw
+            assert (qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE) == (1000, 2000)
+    # and a run uses them: teacher targets and the preview at 32 x 32 (2 x 2 latent patches) instead of 64 x 64
+    out = tmp_path / "out"
+    cl.train(tiny_config(teachers, out, image_size=32, max_steps=1, teacher_steps=2))
+    assert {tuple(torch.load(p, weights_only=True).shape) for p in (out / "cache" / "targets").glob("*.pt")} == {(1, 4, 16)}
+    assert Image.open(out / "preview.png").size == (3 * 32 + 2 * 2, 3 * 32 + 2 * 2)
+
+
 # ---- router and prompts ----
 
 def test_router_frequency_and_reproducibility():
@@ -263,6 +297,32 @@ def test_exported_lora_reproduces_the_student_in_a_stock_pipeline(teachers, trai
     base.scheduler = cl.student_scheduler(cfg)
     base.set_progress_bar_config(disable=True)
     assert (cl.sample(base, image, prompt, seed=3, output_type="pt") - a).abs().max() > 1e-3  # the LoRA matters
+
+
+def test_preview_shows_source_teacher_target_and_the_exported_student(teachers, trained):
+    out, lora = trained
+    grid = Image.open(out / "preview.png")
+    assert grid.size == (3 * 64 + 2 * 2, 3 * 64 + 2 * 2) and not (out / "preview.tmp").exists()  # 3 effects, 2 px gaps
+    pixels = np.asarray(grid.convert("RGB"))
+    assert (pixels[64:66] == 255).all() and (pixels[:, 130:132] == 255).all()  # white gaps between the cells
+
+    def cell(row, col):
+        return pixels[66 * row: 66 * row + 64, 66 * col: 66 * col + 64]
+    stock = cl.build_tiny_pipeline(0)  # the exported student, reloaded: exactly the student column
+    stock.set_progress_bar_config(disable=True)
+    cl.load_student(stock, lora)
+    prompts = [e["student_prompt"] for e in json.loads((lora / "collectionlora.json").read_text())["effects"]]
+    for row, e in enumerate(cl.read_teachers(teachers / "teachers")):
+        image = Image.open(e.images[0]).convert("RGB")
+        assert (cell(row, 0) == np.asarray(image.resize((64, 64), Image.LANCZOS))).all()
+        assert (cell(row, 2) == np.asarray(cl.sample(stock, image, prompts[row], seed=0)[0])).all()
+        teacher = cl.build_tiny_pipeline(0)  # the teacher column: diffusers' own LoRA loading and CFG call
+        teacher.set_progress_bar_config(disable=True)
+        teacher.load_lora_weights(str(e.lora_file))
+        expected = teacher(image=image, prompt=e.instruction, negative_prompt="", true_cfg_scale=5.0, height=64, width=64,
+                           num_inference_steps=8, generator=torch.Generator().manual_seed(0)).images[0]
+        diff = np.abs(cell(row, 1).astype(int) - np.asarray(expected).astype(int))
+        assert diff.max() <= 1, diff.max()  # the rank-padded slot equals diffusers' loading up to float rounding
 
 
 def test_stock_scheduler_visits_exactly_the_trained_sigmas(trained):
@@ -405,6 +465,8 @@ BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags;
     "p_switch 1.5": (lambda r: ["--p_switch", "1.5"], "--p_switch 1.5 is invalid"),
     "negative lr": (lambda r: ["--lr=-1e-4"], "--lr -0.0001 is invalid"),
     "NaN guidance": (lambda r: ["--guidance", "nan"], "--guidance nan is invalid"),
+    "image_size not a multiple of 32": (lambda r: ["--image_size", "40"], "--image_size 40 is invalid"),
+    "negative condition_size": (lambda r: ["--condition_size=-32"], "--condition_size -32 is invalid"),
     "not a number": (lambda r: ["--max_steps", "ten"], "argument --max_steps: invalid int value: 'ten'"),
     "base folder is not a pipeline": (lambda r: ["--base", str(r / "general")], "is not a diffusers pipeline folder"),
 }
@@ -485,8 +547,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(teachers, tmp_path):
     assert proc.returncode == -signal.SIGKILL and (tmp_path / "out" / "checkpoints" / "step_00000010.pt").is_file()
     assert not (tmp_path / "out" / "lora").exists()
     proc = start_run(teachers, tmp_path / "out", "--max_steps", "40", "--save_every", "5", "--resume")
-    _, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+    assert f"wrote {tmp_path / 'out' / 'preview.png'} -- one row per effect (first 16): source | teacher output | " \
+           "student 8-step output" in stdout
     resumed = lora_tensors(tmp_path / "out" / "lora")
     straight = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "straight", max_steps=40)))
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
