@@ -102,6 +102,8 @@ class Config:
     max_steps: int = knob(25000, "iterations (critic updates); the student updates every gen_every")
     gen_every: int = knob(5, "DMD2 two-time-scale rule: student every 5th step, critic every step")
     route_every: int = knob(20, "official code redraws the stream every 20 steps")
+    batch_size: int = knob(1, "edits per step, all from one effect's images (or the general ones), which must share one "
+                              "size (paper: 1). On CPU, 8 costs little more time than 1")
     p_switch: float = knob(0.5, "PDSR: probability that a period comes from the effect stream")
     # LoRA and optimiser (official config)
     rank: int = knob(128, "student and critic LoRA rank (paper)")
@@ -159,7 +161,7 @@ def parse_config(argv=None) -> Config:
 
 def check_config(c: Config) -> None:
     """Every number in range (NaN fails every comparison, so it is refused too)."""
-    rules = {"max_steps": c.max_steps >= 1, "p_switch": 0 <= c.p_switch <= 1, "lr": c.lr > 0,
+    rules = {"max_steps": c.max_steps >= 1, "batch_size": c.batch_size >= 1, "p_switch": 0 <= c.p_switch <= 1, "lr": c.lr > 0,
              "critic_lr": c.critic_lr > 0, "rank": c.rank >= 1, "alpha": c.alpha > 0, "gen_every": c.gen_every >= 1,
              "route_every": c.route_every >= 1, "student_steps": c.student_steps >= 1, "shift": c.shift > 0,
              "teacher_steps": c.teacher_steps >= 1, "guidance": c.guidance >= 1, "grad_clip": c.grad_clip > 0,
@@ -510,6 +512,14 @@ def read_inputs(cfg: Config):
         if not e.images and not general:
             raise InputError(f"effect '{e.name}' has no images/ folder and there is no --general folder "
                              f"to borrow source images from -- add one of them")
+    if cfg.batch_size > 1:  # a batch is drawn from one pool, and batched latents must share one shape
+        from PIL import Image
+        for pool in [e.images for e in effects] + [[g.image for g in general]]:
+            sizes = {p: Image.open(p).size for p in pool}
+            odd = [p for p in pool if sizes[p] != sizes[pool[0]]]
+            if odd:
+                raise InputError(f"--batch_size {cfg.batch_size} needs one image size per folder: {pool[0]} is "
+                                 f"{sizes[pool[0]]} but {odd[0]} is {sizes[odd[0]]} -- resize them or pass --batch_size 1")
     return effects, general
 
 
@@ -626,16 +636,17 @@ class TeacherBank:
 class Route:
     stream: str        # "effect" or "general"
     effect: int        # index into effects (-1 on the general stream)
-    source: int        # index into that effect's source pool (or the general pool)
+    sources: tuple     # batch_size indices into that effect's source pool (or the general pool)
 
 
 class Router:
     """Each period of `route_every` steps is the effect stream with probability p_switch (a uniformly drawn effect,
     whose LoRA becomes the teacher), else the general stream (teacher = base); without --general data, always the
-    effect stream. Each step draws a source image. Every draw is a pure function of (seed, step): reproducible."""
+    effect stream. Each step draws batch_size source images. Every draw is a pure function of (seed, step): reproducible."""
 
-    def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int):
-        self.n_effects, self.pool_sizes, self.n_general = n_effects, pool_sizes, n_general
+    def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int,
+                 batch_size: int = 1):
+        self.n_effects, self.pool_sizes, self.n_general, self.batch_size = n_effects, pool_sizes, n_general, batch_size
         self.p_switch, self.route_every, self.seed = p_switch, route_every, seed
 
     def route(self, step: int) -> Route:
@@ -643,8 +654,8 @@ class Router:
         effect_stream = self.n_general == 0 or period.random() < self.p_switch
         effect = period.randrange(self.n_effects) if effect_stream else -1
         pool = self.pool_sizes[effect] if effect_stream else self.n_general
-        source = random.Random(f"{self.seed}/step/{step}").randrange(pool)
-        return Route("effect" if effect_stream else "general", effect, source)
+        draw = random.Random(f"{self.seed}/step/{step}")
+        return Route("effect" if effect_stream else "general", effect, tuple(draw.randrange(pool) for _ in range(self.batch_size)))
 
 
 # ---- Prompts: Asymmetric Orthogonal Prompting (AOP) ----
@@ -769,11 +780,23 @@ class EditData:
 
     def batch(self, r: Route, device) -> Batch:
         if r.stream == "effect":
-            path = self.pools[r.effect][r.source]
-            student, teacher, negative = (x.to(device) for x in self.effect_inputs[r.effect, path])
-            return Batch(student, teacher, negative, "teacher", self.targets[r.effect, path].to(device))
-        prompt, negative = (x.to(device) for x in self.general_inputs[r.source])
+            paths = [self.pools[r.effect][i] for i in r.sources]
+            student, teacher, negative = (stack([self.effect_inputs[r.effect, p][j] for p in paths], device) for j in range(3))
+            return Batch(student, teacher, negative, "teacher", torch.cat([self.targets[r.effect, p] for p in paths]).to(device))
+        prompt, negative = (stack([self.general_inputs[i][j] for i in r.sources], device) for j in range(2))
         return Batch(prompt, prompt, negative, None, None)  # general stream: everyone sees the instruction
+
+
+def stack(inputs: list, device) -> EditInputs:
+    """A batch of EditInputs: text states right-padded to the longest, the mask marks the padding (the
+    transformer masks it out of the joint attention). Batched images must share one size."""
+    if len(inputs) == 1:
+        return inputs[0].to(device)
+    T = max(c.embeds.shape[1] for c in inputs)
+    mask = [torch.ones(c.embeds.shape[:2], dtype=torch.long) if c.mask is None else c.mask.long() for c in inputs]
+    return EditInputs(torch.cat([F.pad(c.embeds, (0, 0, 0, T - c.embeds.shape[1])) for c in inputs]),
+                      torch.cat([F.pad(m, (0, T - m.shape[1])) for m in mask]),
+                      torch.cat([c.image_latents for c in inputs]), inputs[0].img_shapes * len(inputs)).to(device)
 
 
 def prepare(pipe, cfg: Config, effects: list, general: list):
@@ -998,7 +1021,8 @@ def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | No
 
 def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 2) -> Path:
     """<out>/preview.png, one row per effect (the first `rows`) on its first source image, `gap` white pixels apart:
-    the source as the pipeline resizes it | the teacher's cached target | the student (stock pipeline, seed cfg.seed)."""
+    the source as the pipeline resizes it | the teacher's cached target | the student (stock pipeline, seed cfg.seed);
+    pictures of 48 px or less are enlarged (nearest) to stay visible."""
     from PIL import Image
     use_adapter(pipe.transformer, "student")
     cells = []  # per row: source | teacher | student, at the pipeline's output size
@@ -1009,6 +1033,8 @@ def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 
         student = sample(pipe, image, e.student_prompt, cfg.student_steps, cfg.seed, output_type="latent")
         cells.append([pipe.image_processor.resize(image, h, w), decode(pipe, data.targets[i, path], w, h),
                       decode(pipe, student, w, h)])
+    scale = max(1, 96 // max(r[0].height for r in cells))
+    cells = [[c.resize((c.width * scale, c.height * scale), Image.NEAREST) for c in row] for row in cells]
     grid = Image.new("RGB", (max(3 * r[0].width + 2 * gap for r in cells), sum(r[0].height + gap for r in cells) - gap),
                      "white")
     y = 0
@@ -1052,7 +1078,8 @@ def train(cfg: Config) -> Path:
     betas = (cfg.beta1, cfg.beta2)
     opt_student = torch.optim.AdamW(adapter_params(transformer, "student"), cfg.lr, betas, weight_decay=cfg.weight_decay)
     opt_critic = torch.optim.AdamW(adapter_params(transformer, "critic"), cfg.critic_lr, betas, weight_decay=cfg.weight_decay)
-    router = Router(len(effects), [len(p) for p in data.pools], len(general), cfg.p_switch, cfg.route_every, cfg.seed)
+    router = Router(len(effects), [len(p) for p in data.pools], len(general), cfg.p_switch, cfg.route_every, cfg.seed,
+                    cfg.batch_size)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

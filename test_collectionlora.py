@@ -162,7 +162,7 @@ def test_gradients_reach_only_the_adapter_being_trained(teachers, tmp_path):
         for n, p in pipe.transformer.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)
-    b = data.batch(cl.Route("effect", 0, 0), "cpu")
+    b = data.batch(cl.Route("effect", 0, (0,)), "cpu")
     bank.swap(0)
     sigmas, gen = cl.student_sigmas(8, 3.0), torch.Generator().manual_seed(0)
     for loss_fn, trained in ((lambda: sum(cl.student_loss(pipe.transformer, b, sigmas, cfg, gen).values()), "student"),
@@ -212,7 +212,7 @@ def test_image_size_knobs_set_the_pipeline_image_areas(teachers, tmp_path):
     out = tmp_path / "out"
     cl.train(tiny_config(teachers, out, image_size=32, max_steps=1, teacher_steps=2))
     assert {tuple(torch.load(p, weights_only=True).shape) for p in (out / "cache" / "targets").glob("*.pt")} == {(1, 4, 16)}
-    assert Image.open(out / "preview.png").size == (3 * 32 + 2 * 2, 3 * 32 + 2 * 2)
+    assert Image.open(out / "preview.png").size == (3 * 96 + 2 * 2, 3 * 96 + 2 * 2)  # 32 px pictures enlarged 3x
 
 
 # ---- router and prompts ----
@@ -228,6 +228,31 @@ def test_router_frequency_and_reproducibility():
     periodic = cl.Router(5, [3] * 5, 7, p_switch=0.5, route_every=20, seed=0)
     for start in range(0, 200, 20):  # stream and effect are constant within a period
         assert len({(periodic.route(s).stream, periodic.route(s).effect) for s in range(start, start + 20)}) == 1
+
+
+def test_batch_sources_extend_the_single_draw():
+    one = cl.Router(4, [9] * 4, 5, p_switch=0.5, route_every=3, seed=0)
+    eight = cl.Router(4, [9] * 4, 5, p_switch=0.5, route_every=3, seed=0, batch_size=8)
+    for s in range(300):  # batch_size 1 is the paper's run unchanged; a batch only adds draws after the first
+        r1, r8 = one.route(s), eight.route(s)
+        assert (r8.stream, r8.effect, r8.sources[0]) == (r1.stream, r1.effect, r1.sources[0]) and len(r8.sources) == 8
+    assert len({i for s in range(300) for i in eight.route(s).sources}) > 5
+
+
+def test_a_padded_batch_predicts_what_each_edit_predicts_alone():
+    """Prompts of different lengths are right-padded and masked: every sample of the batch must get the
+    velocity it gets alone, or batching would change what the student learns."""
+    pipe = cl.build_tiny_pipeline(0)
+    image = Image.new("RGB", (64, 64), (200, 30, 90))
+    inputs = [cl.encode(pipe, image, p) for p in ("Invert", "Make it look like an old photograph, please", "")]
+    assert len({c.embeds.shape[1] for c in inputs}) == 3  # really different lengths
+    batch = cl.stack(inputs, torch.device("cpu"))
+    x = torch.randn(3, *inputs[0].image_latents.shape[1:], generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor(0.7)
+    with torch.no_grad():
+        together = cl.predict_v(pipe.transformer, x, sigma, batch)
+        alone = torch.cat([cl.predict_v(pipe.transformer, x[i:i + 1], sigma, c) for i, c in enumerate(inputs)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
 
 
 def test_chosen_triggers_are_more_orthogonal_than_naive_ones():
@@ -461,6 +486,8 @@ BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags;
     "resume without checkpoint": (lambda r: ["--resume"], "--resume: no checkpoint"),
     "resume and overwrite": (lambda r: ["--resume", "--overwrite"], "--resume and --overwrite contradict"),
     "out is a file": (lambda r: ["--out", str(r / "general" / "0.txt")], "is a file"),
+    "batch of mixed sizes": (lambda r: Image.new("RGB", (96, 64)).save(r / "teachers" / "ink_sketch" / "images" / "1.png")
+                             or ["--batch_size", "2"], "--batch_size 2 needs one image size per folder"),
     "max_steps 0": (lambda r: ["--max_steps", "0"], "--max_steps 0 is invalid"),
     "p_switch 1.5": (lambda r: ["--p_switch", "1.5"], "--p_switch 1.5 is invalid"),
     "negative lr": (lambda r: ["--lr=-1e-4"], "--lr -0.0001 is invalid"),

@@ -40,18 +40,18 @@ Metrics are computed with a batched copy of the pipeline's loops (sample_teacher
 stock_pipeline_check runs the same teacher edit through pipe(...) and asserts they agree (~1e-6).
 
 Stages and cache (runs/effectbench/seed<S>/; each stage is skipped when its output exists):
-  base_v<vae>_b<base>/   tokenizer, VAE, text encoder, transformer (shared by --quick and --effects N)
-  <tag>/teachers/        the --teachers folder: <effect>/{<effect>.safetensors, effect.json, images/}
+  base_v<vae>_b<base>/   the trained base as a diffusers pipeline folder (what `collectionlora --base` loads)
+  <tag>/teachers/        the --teachers folder: <effect>/{<effect>.safetensors, effect.json, images/ (32 sources)}
   <tag>/general/         the --general folder: 16 pictures + .txt instructions
-  <tag>/distil_<steps>/  collectionlora.train's --out (lora/, checkpoints/, cache/)
+  <tag>/distil_<steps>/  collectionlora.train's --out (lora/, preview.png, checkpoints/, cache/)
   <tag>/report/          table.md, results.json (every number), grid.png
-Costs on one CPU thread: VAE 4,000 steps ~11 min; base 2,500 steps ~3 min; a teacher 600 steps ~1 min;
-distillation ~0.13 s per iteration; evaluation ~25 s per effect. --quick from scratch ~27 min, of
-which ~14 min is the shared base (cached: ~13 min).
+--quick (and seed 0) starts from the embedded collection in examples/toy/ (base + teachers; written by
+--export_toy), so it only distils and measures. Costs on one CPU thread: VAE 4,000 steps ~11 min; base
+2,500 steps ~3 min; a teacher 600 steps ~1-1.5 min; distillation at batch 8 ~0.2 s per iteration; evaluation
+~5 s per effect.
 
 Not done yet (issue 3): the Lightning, one-FM-LoRA and merge baselines, the ablations, scaling in N,
-composition, and a tuned distillation schedule (see the report in results.json: the student is
-still far below its teachers).
+composition; and the student is still far below its teachers (README: "Toy EffectBench").
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ import collectionlora as cl
 
 SIZE = 32                # source pictures are SIZE x SIZE RGB
 CELL = 4                 # pixels per latent cell (the VAE downsamples twice)
+CONDITION = 64           # side of the condition image the text encoder sees
 LATENT = SIZE // CELL    # 8x8x4 latents -> 4x4 = 16 transformer tokens per image (patch 2)
 
 
@@ -460,61 +461,36 @@ def assemble_pipeline(vae, transformer, vocab, merges, seed: int):
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=SPECIAL[1:])
     torch.manual_seed(seed)
     tiny.text_encoder.resize_token_embeddings(len(vocab), mean_resizing=False)  # rows for the merged words (load_base overwrites them)
-    processor = type(tiny.processor)(tiny.processor.image_processor, tokenizer)
+    processor = cl.ImageOnlyProcessor(tiny.processor.image_processor, tokenizer)
     pipe = QwenImageEditPlusPipeline(scheduler=tiny.scheduler, vae=vae.eval(), text_encoder=tiny.text_encoder,
                                      tokenizer=tokenizer, processor=processor, transformer=transformer.eval())
+    pipe.register_to_config(processor=cl.STOCK_PROCESSOR)  # save_pretrained writes a folder collectionlora --base reads
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def save_base(pipe, vocab, merges, folder: Path, seed: int, info: dict) -> None:
+def save_base(pipe, folder: Path, info: dict) -> None:
+    """A standard diffusers pipeline folder (what `collectionlora.py --base <folder>` loads), plus our notes."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.transformer.save_pretrained(tmp / "transformer")
-    pipe.vae.save_pretrained(tmp / "vae")
-    cl.atomic_save(pipe.text_encoder.state_dict(), tmp / "text_encoder.pt")
-    (tmp / "tokenizer.json").write_text(json.dumps({"vocab": vocab, "merges": merges}))
-    (tmp / "effectbench_base.json").write_text(json.dumps({"seed": seed, **info}, indent=2))
+    pipe.save_pretrained(tmp)
+    (tmp / "effectbench_base.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
 
 def load_base(folder) -> object:
-    """The saved base as a QwenImageEditPlusPipeline (CPU, fp32)."""
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    folder = Path(folder)
-    meta = json.loads((folder / "effectbench_base.json").read_text())
-    tok = json.loads((folder / "tokenizer.json").read_text())
-    pipe = assemble_pipeline(AutoencoderKLQwenImage.from_pretrained(folder / "vae"),
-                             QwenImageTransformer2DModel.from_pretrained(folder / "transformer"),
-                             tok["vocab"], [tuple(m) for m in tok["merges"]], meta["seed"])
-    pipe.text_encoder.load_state_dict(torch.load(folder / "text_encoder.pt", weights_only=True))
+    """The saved base, loaded exactly as collectionlora loads any --base folder (CPU, fp32)."""
+    pipe = cl.load_pipeline(str(folder), torch.device("cpu"), torch.float32)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @contextlib.contextmanager
 def bench_sizes():
     """The stock pipeline resizes inputs to module-global areas: condition image 64^2, VAE image 32^2."""
-    with cl.tiny_image_sizes(condition=64 * 64, vae=SIZE * SIZE):
+    with cl.tiny_image_sizes(condition=CONDITION * CONDITION, vae=SIZE * SIZE):
         yield
-
-
-@contextlib.contextmanager
-def collectionlora_loads_our_base():
-    """collectionlora.load_pipeline knows hub ids and 'tiny'; a saved EffectBench base is neither
-    (its processor cannot go through from_pretrained without torchvision), so route that one path here."""
-    original = cl.load_pipeline
-
-    def load(base, device, dtype, seed=0):
-        if (Path(base) / "effectbench_base.json").is_file():
-            return load_base(base).to(device)
-        return original(base, device, dtype, seed)
-
-    cl.load_pipeline = load
-    try:
-        yield
-    finally:
-        cl.load_pipeline = original
 
 
 # ---- Latents and prompts: what the pipeline feeds the transformer, batched ----
@@ -736,7 +712,7 @@ def stage_base(world: World, folder: Path, seed: int, vae_steps: int, base_steps
                       empty.mask.repeat(J, 1)), base_steps, 1e-3, seed, what="base")
     info = {"vae_roundtrip_psnr_test": rt, "vae_steps": vae_steps, "base_steps": base_steps,
             "base_final_loss": sum(losses[-50:]) / 50, "seconds": time.time() - t0}
-    save_base(pipe, vocab, merges, folder, seed, info)
+    save_base(pipe, folder, {"seed": seed, **info})
     return info
 
 
@@ -746,7 +722,7 @@ def lora_config(rank: int):
 
 
 def stage_teachers(world: World, effects: list, base: Path, folder: Path, general: Path, steps: int, seed: int,
-                   n_images: int = 8, n_general: int = 16) -> dict:
+                   n_images: int = 32, n_general: int = 16) -> dict:
     """One LoRA per effect (ranks cycle 4, 8, 16), flow matching on (source, fn(source, random variant))
     with the effect's instruction; written as a collectionlora --teachers folder, plus --general."""
     from peft.utils import get_peft_model_state_dict
@@ -799,10 +775,10 @@ def stage_distil(teachers: Path, general: Path, base: Path, out: Path, seed: int
         return json.loads((out / "lora" / "collectionlora.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     cfg = cl.Config(teachers=str(teachers), general=str(general), base=str(base), out=str(out), seed=seed, device="cpu",
+                    image_size=SIZE, condition_size=CONDITION,
                     **knobs)
     t0 = time.time()
-    with bench_sizes(), collectionlora_loads_our_base():
-        lora = cl.train(cfg)
+    lora = cl.train(cfg)
     meta = json.loads((lora / "collectionlora.json").read_text())
     meta["seconds"] = time.time() - t0
     (lora / "collectionlora.json").write_text(json.dumps(meta, indent=2))
@@ -970,33 +946,55 @@ def save_grid(pictures: dict, columns: list, path: Path, scale: int = 3) -> None
 # ---- CLI ----
 
 QUICK_EFFECTS = ["tint_any", "roll_right_2", "roll_right_3", "invert"]  # multi-modal, a near-neighbour pair, deterministic
+# The embedded default (examples/toy/): the quick four plus four that are easy to see at a glance.
+TOY_EFFECTS = QUICK_EFFECTS + ["grayscale", "edges", "pixelate", "duotone_any"]
+TOY = Path(__file__).resolve().parent / "toy"
+# collectionlora knobs for this world (see the README's convergence notes): the paper's loop, a CPU-sized schedule
+DISTIL_KNOBS = {"rank": 16, "alpha": 16, "lr": 1e-3, "critic_lr": 1e-3, "beta1": 0.0, "beta2": 0.99, "gen_every": 2,
+                "route_every": 5, "p_switch": 0.8, "batch_size": 8, "teacher_steps": 40}
+
+
+def export_toy(world: World, base: Path, folder: Path, teacher_steps: int, seed: int) -> None:
+    """Write the embedded default collection: the trained base (a diffusers folder), one teacher per
+    TOY_EFFECTS entry (32 source images each) and a general folder -- what the README's main command reads."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp / "base")
+    effects = [e for e in world.effects if e.name in TOY_EFFECTS]
+    stage_teachers(world, effects, base, tmp / "teachers", tmp / "general", teacher_steps, seed, n_images=32)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    log(f"wrote {folder}: base + {len(effects)} teachers + general, {size / 1e6:.1f} MB")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--effects", type=int, default=50, help="how many effects of the registry (the first N)")
     p.add_argument("--seed", type=int, default=0, help="the world, every model init and every noise draw")
-    p.add_argument("--quick", action="store_true", help="4 effects, small budgets: about 27 min from scratch on 2 cores, under 2 min once cached")
+    p.add_argument("--quick", action="store_true", help="the 4 QUICK_EFFECTS with the embedded base and teachers "
+                   "(examples/toy): a few minutes on 2 cores")
     p.add_argument("--root", default="runs/effectbench", help="cache folder for every stage")
+    p.add_argument("--base", default="", help="a pre-built base folder instead of training one (--quick: examples/toy/base)")
     p.add_argument("--vae_steps", type=int, default=4000, help="VAE training steps (about 0.16 s each; cached, shared)")
     p.add_argument("--base_steps", type=int, default=2500, help="base pretraining steps (about 0.07 s each; cached, shared)")
     p.add_argument("--teacher_steps", type=int, default=600, help="FM steps per teacher LoRA (about 0.09 s each)")
-    p.add_argument("--distil_steps", type=int, default=None, help="collectionlora iterations (default: 10000, quick 3000)")
+    p.add_argument("--distil_steps", type=int, default=None, help="collectionlora iterations (default: 1500 per 4 effects)")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per held-out source")
     p.add_argument("--guidance", type=float, default=2.0, help="teacher CFG for the Teacher row and the real score "
                    "(a first quick run: g = 1-2 scored best, g = 5 worst)")
+    p.add_argument("--export_toy", default="", help="write the embedded default collection (base + 8 teachers) to this folder and stop")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     q = args.quick
-    vae_steps, base_steps, teacher_steps = args.vae_steps, args.base_steps, args.teacher_steps
-    distil_steps = args.distil_steps or (3000 if q else 10000)
     t_start = time.time()
 
     reg = effect_registry()
     names = QUICK_EFFECTS if q else list(reg)[: args.effects]
     if not q and args.effects > len(reg):
-        print(f"error: --effects {args.effects} > {len(reg)} effects in the registry", file=sys.stderr)
+        print(f"error: --effects {args.effects} > {len(reg)} effects in the registry -- pass at most {len(reg)}", file=sys.stderr)
         return 2
+    distil_steps = args.distil_steps or 1500 * math.ceil(len(names) / 4)
     root = Path(args.root) / f"seed{args.seed}"
     world = build_world(reg, args.seed)  # the base and VAE see every registry effect's name only via the tokenizer
     check_registry(world.effects, world.test[:8])
@@ -1004,18 +1002,32 @@ def main(argv=None) -> int:
     log(f"world: {len(world.train)} train / {len(world.test)} held-out sources, {len(effects)} effects "
         f"({sum(e.K > 1 for e in effects)} multi-modal)")
 
-    base = root / f"base_v{vae_steps}_b{base_steps}"
-    info = stage_base(world, base, args.seed, vae_steps, base_steps)
-    log(f"base: {info}")
-    tag = f"{'quick' if q else 'n' + str(len(effects))}_t{teacher_steps}"
+    embedded = q and not args.base and args.seed == 0 and (TOY / "teachers").is_dir()  # built from seed 0
+    base = Path(args.base) if args.base else TOY / "base" if embedded else root / f"base_v{args.vae_steps}_b{args.base_steps}"
+    if args.base or embedded:
+        if not (base / "model_index.json").is_file():
+            print(f"error: --base '{base}' is not a diffusers pipeline folder -- pass a folder save_base wrote", file=sys.stderr)
+            return 2
+        notes = base / "effectbench_base.json"
+        info = json.loads(notes.read_text()) if notes.is_file() else {}
+    else:
+        info = stage_base(world, base, args.seed, args.vae_steps, args.base_steps)
+    log(f"base {base}: {info}")
+    if args.export_toy:
+        export_toy(world, base, Path(args.export_toy), args.teacher_steps, args.seed)
+        return 0
+    tag = f"{'quick' if q else 'n' + str(len(effects))}_t{args.teacher_steps}" + ("_toy" if embedded else "")
     teachers, general = root / tag / "teachers", root / tag / "general"
-    stage_teachers(world, effects, base, teachers, general, teacher_steps, args.seed)
+    if embedded and not teachers.is_dir():  # the embedded teachers of the quick four: nothing to train
+        for name in names:
+            shutil.copytree(TOY / "teachers" / name, teachers / name)
+        shutil.copytree(TOY / "general", general)
+    stage_teachers(world, effects, base, teachers, general, args.teacher_steps, args.seed)
     # the exact user path: the folder is read by collectionlora's own reader
     assert [e.name for e in cl.read_teachers(teachers)] == sorted(names)
     out = root / tag / f"distil_{distil_steps}"
-    knobs = {"max_steps": distil_steps, "rank": 16, "alpha": 16, "lr": 1e-3, "critic_lr": 1e-3, "beta1": 0.0, "beta2": 0.99,
-             "gen_every": 2, "route_every": 5, "teacher_steps": 40, "guidance": args.guidance, "log_every": 100,
-             "save_every": max(distil_steps // 2, 1)}
+    knobs = DISTIL_KNOBS | {"max_steps": distil_steps, "guidance": args.guidance, "log_every": 250,
+                            "save_every": max(distil_steps // 2, 1)}
     stage_distil(teachers, general, base, out, args.seed, **knobs)
     student = out / "lora"
 
@@ -1040,7 +1052,8 @@ def main(argv=None) -> int:
     (report_dir / "results.json").write_text(json.dumps({"summary": rows, "per_effect": ev["results"], "wall": walls,
                                                         "adapter_bytes": {"teachers_total": teacher_bytes, "student": student_bytes},
                                                         "vae_roundtrip_psnr": ev["vae_roundtrip_psnr"], "base": info,
-                                                        "args": vars(args), "seconds": time.time() - t_start}, indent=2))
+                                                        "distil_knobs": knobs, "args": vars(args),
+                                                        "seconds": time.time() - t_start}, indent=2))
     save_grid(ev["pictures"], ["source", "valid", f"teacher_40_g{args.guidance:g}", "teacher_8", "collectionlora_8"],
               report_dir / "grid.png")
     log(f"wrote {report_dir}/table.md, results.json, grid.png ({time.time() - t_start:.0f} s in all)")
