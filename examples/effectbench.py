@@ -950,7 +950,7 @@ QUICK_EFFECTS = ["tint_any", "roll_right_2", "roll_right_3", "invert"]  # multi-
 TOY_EFFECTS = QUICK_EFFECTS + ["grayscale", "edges", "pixelate", "duotone_any"]
 TOY = Path(__file__).resolve().parent / "toy"
 # collectionlora knobs for this world (see the README's convergence notes): the paper's loop, a CPU-sized schedule
-DISTIL_KNOBS = {"rank": 16, "alpha": 16, "lr": 1e-3, "critic_lr": 1e-3, "beta1": 0.0, "beta2": 0.99, "gen_every": 2,
+DISTIL_KNOBS = {"rank": 64, "alpha": 64, "lr": 1e-3, "critic_lr": 1e-3, "beta1": 0.0, "beta2": 0.99, "gen_every": 2,
                 "route_every": 5, "p_switch": 0.8, "batch_size": 8, "teacher_steps": 40}
 
 
@@ -1036,6 +1036,10 @@ def main(argv=None) -> int:
     rows = summarise(ev["results"], methods)
     walls = stock_pipeline_check(base, teachers, student, effects[0], world.test[0], args.guidance)
     log(f"stock pipeline: {walls}")
+    if not walls["batched_sampler_max_abs_diff"] < 1e-4:  # every metric rests on this oracle
+        print(f"error: the batched sampler differs from pipe(...) by {walls['batched_sampler_max_abs_diff']:.2e} -- "
+              f"the metrics would be wrong; fix sample_teacher / predict_v first", file=sys.stderr)
+        return 1
     teacher_bytes = sum(f.stat().st_size for f in teachers.glob("*/*.safetensors"))
     student_bytes = (student / "pytorch_lora_weights.safetensors").stat().st_size
     extra = {m: {"seconds": walls["seconds_teacher_40_cfg"], "bytes": teacher_bytes} for m in methods if m.startswith("teacher_40")}
