@@ -50,8 +50,10 @@ Stages and cache (runs/effectbench/seed<S>/; each stage is skipped when its outp
 2,500 steps ~3 min; a teacher 600 steps ~1-1.5 min; distillation at batch 8 ~0.2 s per iteration; evaluation
 ~5 s per effect.
 
-Not done yet (issue 3): the Lightning, one-FM-LoRA and merge baselines, the ablations, scaling in N,
-composition; and the student is still far below its teachers (README: "Toy EffectBench").
+Rows: the teachers (40 steps at CFG 1/2/3/5; 8 plain steps), "merge" (every teacher LoRA active at
+once: peft's cat combination) and the CollectionLoRA student.
+Not done yet (issue 3): the Lightning and one-FM-LoRA baselines, svd/ties merges, the ablations,
+scaling in N, composition; and the student is still far below its teachers (README: "Toy EffectBench").
 """
 from __future__ import annotations
 
@@ -831,6 +833,11 @@ def evaluate(world: World, effects: list, base: Path, teachers: Path, student: P
         t = time.time()
         runs[f"teacher_{student_steps}"] = (sample_student(tr, noise(1), rep(src), Prompts(rep(teacher_p.embeds), rep(teacher_p.mask)),
                                                            student_steps, torch.Generator().manual_seed(2)), student_steps, time.time() - t)
+        # Merge: every teacher LoRA active at once = peft's "cat" combination (the sum of all deltas), same prompt
+        pipe.set_adapters([o.name for o in effects])
+        t = time.time()
+        runs[f"merge_{student_steps}"] = (sample_student(tr, noise(1), rep(src), Prompts(rep(teacher_p.embeds), rep(teacher_p.mask)),
+                                                         student_steps, torch.Generator().manual_seed(2)), student_steps, time.time() - t)
         if student is not None:
             pipe.set_adapters("student")
             sp = encode_prompts(pipe, test, [prompts_of[e.name]] * n)
@@ -1032,7 +1039,7 @@ def main(argv=None) -> int:
     student = out / "lora"
 
     ev = evaluate(world, effects, base, teachers, student, args.seeds, g_teacher=args.guidance)
-    methods = [f"teacher_40_g{g:g}" for g in (1.0, 2.0, 3.0, 5.0)] + ["teacher_8", "collectionlora_8"]
+    methods = [f"teacher_40_g{g:g}" for g in (1.0, 2.0, 3.0, 5.0)] + ["teacher_8", "merge_8", "collectionlora_8"]
     rows = summarise(ev["results"], methods)
     walls = stock_pipeline_check(base, teachers, student, effects[0], world.test[0], args.guidance)
     log(f"stock pipeline: {walls}")
@@ -1045,6 +1052,7 @@ def main(argv=None) -> int:
     extra = {m: {"seconds": walls["seconds_teacher_40_cfg"], "bytes": teacher_bytes} for m in methods if m.startswith("teacher_40")}
     extra["teacher_40_g1"]["seconds"] = float("nan")  # only the CFG call is timed
     extra["teacher_8"] = {"seconds": walls["seconds_teacher_8"], "bytes": teacher_bytes}
+    extra["merge_8"] = {"bytes": teacher_bytes}  # the cat merge is every teacher's A and B side by side
     extra["collectionlora_8"] = {"seconds": walls["seconds_collectionlora_8"], "bytes": student_bytes}
     table = markdown_table(rows, extra)
     report_dir = root / tag / "report"
@@ -1058,7 +1066,7 @@ def main(argv=None) -> int:
                                                         "vae_roundtrip_psnr": ev["vae_roundtrip_psnr"], "base": info,
                                                         "distil_knobs": knobs, "args": vars(args),
                                                         "seconds": time.time() - t_start}, indent=2))
-    save_grid(ev["pictures"], ["source", "valid", f"teacher_40_g{args.guidance:g}", "teacher_8", "collectionlora_8"],
+    save_grid(ev["pictures"], ["source", "valid", f"teacher_40_g{args.guidance:g}", "teacher_8", "merge_8", "collectionlora_8"],
               report_dir / "grid.png")
     log(f"wrote {report_dir}/table.md, results.json, grid.png ({time.time() - t_start:.0f} s in all)")
     return 0
