@@ -51,8 +51,9 @@ Stages and cache (runs/effectbench/seed<S>/; each stage is skipped when its outp
 ~5 s per effect.
 
 Rows: the teachers (40 steps at CFG 1/2/3/5; 8 plain steps), "merge" (every teacher LoRA active at
-once: peft's cat combination) and the CollectionLoRA student.
-Not done yet (issue 3): the Lightning and one-FM-LoRA baselines, svd/ties merges, the ablations,
+once: peft's cat combination), "fm" (one LoRA trained by plain flow matching on every effect's
+GROUND-TRUTH pairs with the student prompts: a data-privileged upper bound) and the CollectionLoRA student.
+Not done yet (issue 3): the Lightning baselines, FM on teacher outputs, svd/ties merges, the ablations,
 scaling in N, composition; and the student is still far below its teachers (README: "Toy EffectBench").
 """
 from __future__ import annotations
@@ -771,6 +772,35 @@ def stage_teachers(world: World, effects: list, base: Path, folder: Path, genera
     return report
 
 
+def stage_fm(world: World, effects: list, base: Path, folder: Path, prompts: dict, rank: int, steps: int, seed: int) -> Path:
+    """The FM baseline: ONE LoRA trained by plain flow matching on every effect's (source, fn(source, random
+    variant)) pairs with the student prompts -- the same data the teachers saw, no teacher, no distillation."""
+    from peft.utils import get_peft_model_state_dict
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        return folder
+    pipe = load_base(base)
+    n, J = len(world.train), len(effects)
+    src = pack(pipe, world.train)
+    tgts = [torch.stack([pack(pipe, torch.stack([e.fn(x, v) for x in world.train])) for v in range(e.K)]) for e in effects]
+    ps = [encode_prompts(pipe, world.train, [prompts[e.name]] * n) for e in effects]
+    empty = encode_prompts(pipe, world.train, [""] * n)
+
+    def target(i, g):  # pair index i = effect j * n + source k; a random valid variant of that effect
+        return torch.stack([tgts[j][torch.randint(len(tgts[j]), (), generator=g), k] for j, k in zip((i // n).tolist(), (i % n).tolist())])
+
+    pipe.transformer.add_adapter(lora_config(rank), adapter_name="fm")
+    pipe.transformer.set_adapter("fm")
+    fm_train(pipe.transformer, cl.adapter_params(pipe.transformer, "fm"), src.repeat(J, 1, 1), target,
+             Prompts(torch.cat([p.embeds for p in ps]), torch.cat([p.mask for p in ps])),
+             Prompts(empty.embeds.repeat(J, 1, 1), empty.mask.repeat(J, 1)), steps, 3e-3, seed, what="FM baseline")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    type(pipe).save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="fm"),
+                                 transformer_lora_adapter_metadata=pipe.transformer.peft_config["fm"].to_dict())
+    os.replace(tmp, folder)
+    return folder
+
+
 def stage_distil(teachers: Path, general: Path, base: Path, out: Path, seed: int, **knobs) -> dict:
     """collectionlora.train on the folders above, exactly as a user would run it."""
     if (out / "lora" / "collectionlora.json").is_file():
@@ -798,7 +828,8 @@ def mode_coverage(modes: torch.Tensor, K: int) -> float:
 
 @torch.no_grad()
 def evaluate(world: World, effects: list, base: Path, teachers: Path, student: Path | None, seeds: int,
-             guidances=(1.0, 2.0, 3.0, 5.0), g_teacher: float = 5.0, teacher_steps: int = 40, student_steps: int = 8) -> dict:
+             guidances=(1.0, 2.0, 3.0, 5.0), g_teacher: float = 5.0, teacher_steps: int = 40, student_steps: int = 8,
+             more_loras: dict | None = None) -> dict:
     """Every method on every (effect, held-out source, seed); metrics in pixel space (see docstring)."""
     pipe = load_base(base)
     tr = pipe.transformer
@@ -808,6 +839,9 @@ def evaluate(world: World, effects: list, base: Path, teachers: Path, student: P
     if student is not None:
         pipe.load_lora_weights(str(student), adapter_name="student")
         prompts_of = {d["name"]: d["student_prompt"] for d in json.loads((student / "collectionlora.json").read_text())["effects"]}
+    more_loras = more_loras or {}  # more one-LoRA methods {row name: LoRA folder}, sampled like the student, same prompts
+    for m, folder in more_loras.items():
+        pipe.load_lora_weights(str(folder), adapter_name=m)
     test, n = world.test, len(world.test)
     src = pack(pipe, test)                                   # (n, L, 16)
     rt = lambda x: unpack(pipe, pack(pipe, x))  # the VAE round trip: what a perfect latent model outputs
@@ -844,6 +878,11 @@ def evaluate(world: World, effects: list, base: Path, teachers: Path, student: P
             t = time.time()
             runs[f"collectionlora_{student_steps}"] = (sample_student(tr, noise(1), rep(src), Prompts(rep(sp.embeds), rep(sp.mask)),
                                                                       student_steps, torch.Generator().manual_seed(2)), student_steps, time.time() - t)
+            for m in more_loras:
+                pipe.set_adapters(m)
+                t = time.time()
+                runs[m] = (sample_student(tr, noise(1), rep(src), Prompts(rep(sp.embeds), rep(sp.mask)), student_steps,
+                                          torch.Generator().manual_seed(2)), student_steps, time.time() - t)
         own = refs[e.name]                                                        # (K, n, 3, H, W)
         others = torch.cat([refs[o.name] for o in effects if o.name != e.name] + [src_rt[None]])  # (M, n, 3, H, W)
         res = {}
@@ -1038,8 +1077,11 @@ def main(argv=None) -> int:
     stage_distil(teachers, general, base, out, args.seed, **knobs)
     student = out / "lora"
 
-    ev = evaluate(world, effects, base, teachers, student, args.seeds, g_teacher=args.guidance)
-    methods = [f"teacher_40_g{g:g}" for g in (1.0, 2.0, 3.0, 5.0)] + ["teacher_8", "merge_8", "collectionlora_8"]
+    prompts = {d["name"]: d["student_prompt"] for d in json.loads((student / "collectionlora.json").read_text())["effects"]}
+    fm = stage_fm(world, effects, base, root / tag / "fm_lora", prompts, DISTIL_KNOBS["rank"],
+                  args.teacher_steps * len(effects), args.seed)
+    ev = evaluate(world, effects, base, teachers, student, args.seeds, g_teacher=args.guidance, more_loras={"fm_8": fm})
+    methods = [f"teacher_40_g{g:g}" for g in (1.0, 2.0, 3.0, 5.0)] + ["teacher_8", "merge_8", "fm_8", "collectionlora_8"]
     rows = summarise(ev["results"], methods)
     walls = stock_pipeline_check(base, teachers, student, effects[0], world.test[0], args.guidance)
     log(f"stock pipeline: {walls}")
@@ -1053,6 +1095,7 @@ def main(argv=None) -> int:
     extra["teacher_40_g1"]["seconds"] = float("nan")  # only the CFG call is timed
     extra["teacher_8"] = {"seconds": walls["seconds_teacher_8"], "bytes": teacher_bytes}
     extra["merge_8"] = {"bytes": teacher_bytes}  # the cat merge is every teacher's A and B side by side
+    extra["fm_8"] = {"bytes": (fm / "pytorch_lora_weights.safetensors").stat().st_size}
     extra["collectionlora_8"] = {"seconds": walls["seconds_collectionlora_8"], "bytes": student_bytes}
     table = markdown_table(rows, extra)
     report_dir = root / tag / "report"
@@ -1066,7 +1109,7 @@ def main(argv=None) -> int:
                                                         "vae_roundtrip_psnr": ev["vae_roundtrip_psnr"], "base": info,
                                                         "distil_knobs": knobs, "args": vars(args),
                                                         "seconds": time.time() - t_start}, indent=2))
-    save_grid(ev["pictures"], ["source", "valid", f"teacher_40_g{args.guidance:g}", "teacher_8", "merge_8", "collectionlora_8"],
+    save_grid(ev["pictures"], ["source", "valid", f"teacher_40_g{args.guidance:g}", "teacher_8", "merge_8", "fm_8", "collectionlora_8"],
               report_dir / "grid.png")
     log(f"wrote {report_dir}/table.md, results.json, grid.png ({time.time() - t_start:.0f} s in all)")
     return 0
