@@ -404,6 +404,7 @@ def adapter_params(transformer, name: str) -> list:
 def add_trainable_adapters(transformer, cfg: Config):
     """Student and critic LoRAs on the same base, both zero at step 0 (student = critic = base)."""
     from peft import LoraConfig
+    torch.manual_seed(cfg.seed)  # LoRA A is drawn from the global RNG: whatever ran before must not matter
     for name in ("student", "critic"):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point

@@ -230,6 +230,17 @@ def test_router_frequency_and_reproducibility():
         assert len({(periodic.route(s).stream, periodic.route(s).effect) for s in range(start, start + 20)}) == 1
 
 
+def test_adapter_init_depends_on_the_seed_only():
+    cfg = cl.Config(rank=4, alpha=4)
+    weights = []
+    for burn in (0, 1000):  # a different global RNG history before the adapters are added
+        pipe = cl.build_tiny_pipeline(0)
+        torch.rand(burn)
+        cl.add_trainable_adapters(pipe.transformer, cfg)
+        weights.append(torch.cat([p.flatten() for p in cl.adapter_params(pipe.transformer, "student")]))
+    assert torch.equal(weights[0], weights[1]) and weights[0].abs().sum() > 0
+
+
 def test_batch_sources_extend_the_single_draw():
     one = cl.Router(4, [9] * 4, 5, p_switch=0.5, route_every=3, seed=0)
     eight = cl.Router(4, [9] * 4, 5, p_switch=0.5, route_every=3, seed=0, batch_size=8)
