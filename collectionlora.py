@@ -516,7 +516,10 @@ def read_inputs(cfg: Config):
     if cfg.batch_size > 1:  # a batch is drawn from one pool, and batched latents must share one shape
         from PIL import Image
         for pool in [e.images for e in effects] + [[g.image for g in general]]:
-            sizes = {p: Image.open(p).size for p in pool}
+            sizes = {}
+            for p in pool:
+                with Image.open(p) as im:
+                    sizes[p] = im.size
             odd = [p for p in pool if sizes[p] != sizes[pool[0]]]
             if odd:
                 raise InputError(f"--batch_size {cfg.batch_size} needs one image size per folder: {pool[0]} is "
