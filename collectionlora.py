@@ -125,6 +125,8 @@ class Config:
     ts_t_min: float = knob(500.0, "target simulation: DMD timestep drawn from [ts_t_min, 1000) (paper tau_min)")
     w_ts: float = knob(1.0, "weight of the target-simulation DMD term (paper: unweighted)")
     w_fm: float = knob(1.0, "weight of trajectory-anchored flow matching (paper: unweighted)")
+    aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop is the paper's ablation (the student "
+                           "sees the teacher's instruction, triggers in effect.json are ignored)")
     # engineering
     log_every: int = knob(50, "one log line every N steps")
     save_every: int = knob(500, "checkpoint every N steps (atomic)")
@@ -287,10 +289,11 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
 @contextlib.contextmanager
 def tiny_image_sizes(condition: int = 64 * 64, vae: int = 64 * 64):
     """The stock pipeline resizes every input to the module-global areas 384^2 (condition image) and 1024^2
-    (VAE image), whatever you pass; a small model needs small images, so set them (and restore them afterwards)."""
+    (VAE image), whatever you pass; a small model needs small images, so set them (0 = leave one as it is)
+    and restore them afterwards."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
     old = qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE
-    qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = condition, vae
+    qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = condition or old[0], vae or old[1]
     try:
         yield
     finally:
@@ -299,10 +302,8 @@ def tiny_image_sizes(condition: int = 64 * 64, vae: int = 64 * 64):
 
 def image_sizes(cfg: Config):
     """This run's image areas: --condition_size / --image_size; when 0, 64 for --base tiny, else left as they are."""
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
     tiny = 64 if cfg.base == "tiny" else 0
-    return tiny_image_sizes((cfg.condition_size or tiny) ** 2 or qwen.CONDITION_IMAGE_SIZE,
-                            (cfg.image_size or tiny) ** 2 or qwen.VAE_IMAGE_SIZE)
+    return tiny_image_sizes((cfg.condition_size or tiny) ** 2, (cfg.image_size or tiny) ** 2)
 
 
 def _qwen_sizes(image):
@@ -436,20 +437,27 @@ class GeneralEdit:
     instruction: str
 
 
-def list_images(folder: Path) -> list:
-    """The images in a folder, each checked to open and decode (a bad one is an InputError naming it)."""
+def list_images(folder: Path, batch_size: int = 1) -> list:
+    """The images in a folder, each checked to open and decode (a bad one is an InputError naming it) and, for
+    batch_size > 1, to share one size: a batch is drawn from one folder, and batched latents share one shape."""
     from PIL import Image
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+    sizes = {}
     for p in images:
         try:
             with Image.open(p) as im:
                 im.load()
+                sizes[p] = im.size
         except Exception as e:  # zero-size, truncated, not an image, no permission ...
             raise InputError(f"image {p} cannot be read ({type(e).__name__}: {e}) -- replace or delete it") from e
+    odd = [p for p in images if sizes[p] != sizes[images[0]]]
+    if batch_size > 1 and odd:
+        raise InputError(f"--batch_size {batch_size} needs one image size per folder: {images[0]} is "
+                         f"{sizes[images[0]]} but {odd[0]} is {sizes[odd[0]]} -- resize them or pass --batch_size 1")
     return images
 
 
-def read_teachers(folder) -> list:
+def read_teachers(folder, batch_size: int = 1) -> list:
     """--teachers format: <folder>/<effect>/{*.safetensors, effect.json, images/}; effect.json needs
     "instruction" and may set "trigger", "student_prompt", "weight"."""
     folder = Path(folder)
@@ -473,7 +481,7 @@ def read_teachers(folder) -> list:
                              f"{{\"instruction\": \"...\", \"weight\": 1.0}}") from e
         if not meta.get("instruction"):
             raise InputError(f"{meta_file} has no 'instruction' -- add the prompt this LoRA was trained with")
-        images = list_images(sub / "images")
+        images = list_images(sub / "images", batch_size)
         if (sub / "images").is_dir() and not images:
             raise InputError(f"'{sub / 'images'}' holds no images ({', '.join(IMAGE_EXTS)}) -- add some or remove it")
         e = Effect(sub.name, meta["instruction"], loras[0], images, meta.get("trigger", ""),
@@ -500,30 +508,19 @@ def read_inputs(cfg: Config):
                          f"start afresh, or another --out")
     if cfg.resume and not previous:
         raise InputError(f"--resume: no checkpoint in '{out / 'checkpoints'}' -- run once without --resume first")
-    effects, general = read_teachers(cfg.teachers), []
+    effects, general = read_teachers(cfg.teachers, cfg.batch_size), []
     if cfg.general:
         folder = Path(cfg.general)
         if not folder.is_dir():
             raise InputError(f"--general '{folder}' is not a folder -- pass a folder of images with .txt instructions")
         general = [GeneralEdit(p, p.with_suffix(".txt").read_text().strip())
-                   for p in list_images(folder) if p.with_suffix(".txt").is_file()]
+                   for p in list_images(folder, cfg.batch_size) if p.with_suffix(".txt").is_file()]
         if not general:
             raise InputError(f"--general '{folder}' has no image with a same-name .txt instruction")
     for e in effects:
         if not e.images and not general:
             raise InputError(f"effect '{e.name}' has no images/ folder and there is no --general folder "
                              f"to borrow source images from -- add one of them")
-    if cfg.batch_size > 1:  # a batch is drawn from one pool, and batched latents must share one shape
-        from PIL import Image
-        for pool in [e.images for e in effects] + [[g.image for g in general]]:
-            sizes = {}
-            for p in pool:
-                with Image.open(p) as im:
-                    sizes[p] = im.size
-            odd = [p for p in pool if sizes[p] != sizes[pool[0]]]
-            if odd:
-                raise InputError(f"--batch_size {cfg.batch_size} needs one image size per folder: {pool[0]} is "
-                                 f"{sizes[pool[0]]} but {odd[0]} is {sizes[odd[0]]} -- resize them or pass --batch_size 1")
     return effects, general
 
 
@@ -568,11 +565,8 @@ def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
 # ---- Teacher bank: the --teachers LoRAs, normalised, memory-mapped, swapped into one slot ----
 
 def file_hash(path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def atomic_save(obj, path: Path, save=torch.save) -> None:
@@ -683,15 +677,18 @@ def random_trigger(rng: random.Random, name: str) -> str:
     return f"<{rng.randrange(10000):04d}_{name}_{letters}{rng.randrange(10000):04d}>"
 
 
-def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dict:
+def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: bool = True) -> dict:
     """Give every effect without a trigger one that keeps the student prompts as close to mutually
     orthogonal as possible: greedily, each effect takes the candidate that minimises the largest
     cosine to the prompts chosen so far. Fills e.trigger / e.student_prompt in place and returns the
-    largest pairwise cosine of the naive choice (first candidate) and of the chosen one."""
+    largest pairwise cosine of the naive choice (first candidate) and of the chosen one.
+    aop False is the paper's "w/o AOP" ablation: every student prompt is the teacher's instruction."""
     rng = random.Random(f"{seed}/triggers")
     empty = prompt_embedding(pipe, "")  # subtracted, so the shared chat template does not dominate the cosine
     naive, chosen = [], []
     for e in effects:
+        if not aop:  # an ablation: the effect.json's trigger and student_prompt are ignored too
+            e.trigger, e.student_prompt = "", e.instruction
         fixed = e.trigger or e.student_prompt  # set by the user's effect.json
         pool = [e.trigger] if fixed else [random_trigger(rng, e.name) for _ in range(candidates)]
         embs = [prompt_embedding(pipe, e.student_prompt or f"{t} {e.instruction}") - empty for t in pool]
@@ -700,13 +697,15 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16) -> dic
         e.trigger = pool[best]
         naive.append(embs[0])
         chosen.append(embs[best])
-    prompts = {}
-    for e in effects:
+    for e in effects:  # earlier effects are filled in; a later one is empty or set by its effect.json
         e.student_prompt = e.student_prompt or f"{e.trigger} {e.instruction}"
-        if e.student_prompt in prompts:
-            raise InputError(f"effects '{prompts[e.student_prompt]}' and '{e.name}' have the same student prompt "
+        twin = next(o for o in effects if o.student_prompt == e.student_prompt)
+        if aop and twin is not e:
+            raise InputError(f"effects '{twin.name}' and '{e.name}' have the same student prompt "
                              f"'{e.student_prompt}' -- give one of them its own trigger or student_prompt")
-        prompts[e.student_prompt] = e.name
+    shared = sum(n for n in collections.Counter(e.student_prompt for e in effects).values() if n > 1)
+    if shared:  # without AOP, effects with one instruction share one prompt: what the ablation measures
+        print(f"warning: --no-aop: {shared} of {len(effects)} effects share their student prompt with another effect")
     return {"naive_max_cos": max_pairwise_cosine(torch.stack(naive)),
             "chosen_max_cos": max_pairwise_cosine(torch.stack(chosen))}
 
@@ -765,9 +764,8 @@ class Batch:
 
 
 class EditData:
-    """Encodes every (prompt, source image) the run can draw with the text encoder and VAE once, and
-    computes every teacher target once (both cached on disk), so both encoders can leave the GPU
-    before training. Tensors stay memory-mapped on the CPU and move to the device one batch at a time."""
+    """Every input the run can draw, encoded once, and every teacher target, computed once (both cached on disk), so
+    both encoders can leave the GPU before training; tensors stay memory-mapped on the CPU until their batch."""
 
     def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
         from tqdm.auto import tqdm
@@ -808,7 +806,7 @@ def prepare(pipe, cfg: Config, effects: list, general: list):
     computed (by the base's own scheduler; the pipeline keeps the student's). Returns (TeacherBank, EditData, AOP report)."""
     pipe.set_progress_bar_config(disable=True)
     teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)
-    aop = choose_triggers(pipe, effects, cfg.seed)  # may still refuse the input: before anything is written
+    aop = choose_triggers(pipe, effects, cfg.seed, aop=cfg.aop)  # may still refuse the input: before anything is written
     bank = TeacherBank(effects, pipe, cfg.cache)
     return bank, EditData(pipe, effects, general, bank, cfg, teacher_scheduler), aop
 
@@ -974,6 +972,7 @@ def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> in
     """Restore a save_checkpoint() file in place; returns its step."""
     from peft.utils import set_peft_model_state_dict
     state = torch.load(path, weights_only=True, map_location="cpu")  # weights only: nothing is executed
+    print(f"resumed from {path} at step {state['step']}")
     for name in ("student", "critic"):
         set_peft_model_state_dict(transformer, state[name], adapter_name=name)
     opt_student.load_state_dict(state["opt_student"])
@@ -1056,8 +1055,9 @@ def train(cfg: Config) -> Path:
     from tqdm.auto import tqdm
     check_config(cfg)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights on GPU, fp32 on CPU
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32  # bf16 weights on GPU, fp32 on CPU
+    if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     effects, general = read_inputs(cfg)
     ckpt_dir = Path(cfg.out) / "checkpoints"
@@ -1072,13 +1072,15 @@ def train(cfg: Config) -> Path:
         shutil.rmtree(Path(cfg.out) / "lora", ignore_errors=True)
         (Path(cfg.out) / "preview.png").unlink(missing_ok=True)
     print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive "
-          f"triggers -> {aop['chosen_max_cos']:.3f} chosen")
-    if device.type == "cuda":  # every input is encoded: the text encoder and VAE can leave the GPU
+          f"triggers -> {aop['chosen_max_cos']:.3f} chosen" if cfg.aop else
+          f"no AOP (--no-aop): the student prompts are the teacher instructions; largest pairwise cosine "
+          f"{aop['chosen_max_cos']:.3f}")
+    add_trainable_adapters(transformer, cfg)
+    if cuda:  # every input is encoded: the text encoder and VAE can leave the GPU
         pipe.text_encoder.to("cpu")
         pipe.vae.to("cpu")
-    add_trainable_adapters(transformer, cfg)
-    if device.type == "cuda" and cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        if cfg.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
     betas = (cfg.beta1, cfg.beta2)
     opt_student = torch.optim.AdamW(adapter_params(transformer, "student"), cfg.lr, betas, weight_decay=cfg.weight_decay)
     opt_critic = torch.optim.AdamW(adapter_params(transformer, "critic"), cfg.critic_lr, betas, weight_decay=cfg.weight_decay)
@@ -1086,12 +1088,8 @@ def train(cfg: Config) -> Path:
                     cfg.batch_size)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    start = 0
-    if cfg.resume:
-        last = max(ckpt_dir.glob("step_*.pt"))
-        start = load_checkpoint(last, transformer, opt_student, opt_critic, gen)
-        print(f"resumed from {last} at step {start}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    start = load_checkpoint(max(ckpt_dir.glob("step_*.pt")), transformer, opt_student, opt_critic, gen) if cfg.resume else 0
 
     # --- the loop: critic every step, student every gen_every ---
     t0, student_logs, nonfinite = time.time(), {}, 0
@@ -1132,7 +1130,7 @@ def train(cfg: Config) -> Path:
     visits = {e.name: counts[i] for i, e in enumerate(effects)} | {"general": counts[-1]}
     out = export_lora(pipe, cfg, effects, bank, {"aop": aop, "router_visits": visits,
                                                  "distance_to_teacher": {"before": before, "after": after}})
-    del opt_student, opt_critic  # free Adam's moments (and the gradients): the preview needs the encoders back on the device
+    del opt_student, opt_critic  # free Adam's moments and the gradients: the preview needs the encoders back on the device
     transformer.zero_grad(set_to_none=True)
     with image_sizes(cfg):
         preview = write_preview(pipe.to(device), cfg, data)

@@ -277,6 +277,22 @@ def test_chosen_triggers_are_more_orthogonal_than_naive_ones():
     assert len({e.trigger for e in effects}) == 6 and all(e.student_prompt.startswith(e.trigger) for e in effects)
 
 
+def test_without_aop_the_student_prompt_is_the_instruction_even_when_effects_share_it(teachers, tmp_path, capsys):
+    shutil.copytree(teachers / "teachers", tmp_path / "teachers")
+    for name in ("glow", "sketch"):  # one instruction for two effects; their own triggers are ignored by the ablation
+        (tmp_path / "teachers" / name / "effect.json").write_text(json.dumps({"instruction": "Make it pop",
+                                                                              "trigger": f"<{name}>"}))
+    lora = cl.train(tiny_config(tmp_path, tmp_path / "out", general=str(teachers / "general"), aop=False,
+                                max_steps=1, teacher_steps=2))
+    meta = json.loads((lora / "collectionlora.json").read_text())
+    assert meta["config"]["aop"] is False
+    assert {e["name"]: e["student_prompt"] for e in meta["effects"]} == {e["name"]: e["teacher_instruction"]
+                                                                         for e in meta["effects"]}
+    assert [e["student_prompt"] for e in meta["effects"]].count("Make it pop") == 2
+    assert all(e["trigger"] == "" for e in meta["effects"])
+    assert "--no-aop: 2 of 3 effects share their student prompt" in capsys.readouterr().out
+
+
 # ---- end to end: distillation, export, resume ----
 
 @pytest.fixture(scope="module")

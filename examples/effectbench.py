@@ -817,6 +817,60 @@ def stage_distil(teachers: Path, general: Path, base: Path, out: Path, seed: int
     return meta
 
 
+def stage_lightning(teachers: Path, effect: str, general: Path, base: Path, out: Path, seed: int, steps: int) -> Path:
+    """The Lightning LoRA: collectionlora's own distiller with no effect stream (p_switch = 0), so it only
+    learns 8-step general editing from the base (teacher = base model) -- our stand-in for a published
+    Lightning LoRA. collectionlora wants a --teachers folder: it gets one teacher that is never routed to."""
+    if not (out / "lora" / "collectionlora.json").is_file():
+        one = out.with_name(out.name + "_teachers")
+        if not one.is_dir():
+            shutil.copytree(teachers / effect, one / effect)
+        stage_distil(one, general, base, out, seed, **(DISTIL_KNOBS | {"p_switch": 0.0, "max_steps": steps, "log_every": 250,
+                                                                        "save_every": steps}))
+    return out / "lora"
+
+
+def save_lora(pipe, folder: Path, layers: dict, rank: int) -> Path:
+    """{module: (A (r, in), B (out, r))} with the scale folded into B -> a diffusers LoRA folder (alpha = r)."""
+    from peft import LoraConfig
+    sd = {f"{m}.lora_{k}.weight": w.contiguous() for m, (A, B) in layers.items() for k, w in (("A", A), ("B", B))}
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(cl.QWEN_TARGET_MODULES))  # what the teachers target
+    type(pipe).save_lora_weights(tmp, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config.to_dict())
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def stage_merges(effects: list, teachers: Path, base: Path, folder: Path, density: float = 0.5) -> dict:
+    """The three merges of every teacher LoRA that peft's add_weighted_adapter offers (weights 1), each
+    written as a LoRA folder: cat (all A and B side by side: exactly the sum of the deltas, rank = the sum
+    of the ranks), svd (the summed delta truncated by SVD to the largest teacher rank, peft's default) and
+    ties_svd (TIES on the per-teacher deltas -- keep the top `density` by magnitude, elect a sign, mean of
+    the agreeing entries -- then the same SVD)."""
+    from peft.utils.merge_utils import ties
+    out = {m: folder / m for m in ("cat", "svd", "ties")}
+    if all((p / "pytorch_lora_weights.safetensors").is_file() for p in out.values()):
+        return out
+    pipe = load_base(base)
+    loras = [cl.read_lora(teachers / e.name / f"{e.name}.safetensors", type(pipe), pipe.transformer) for e in effects]
+    rank = max(A.shape[0] for lora in loras for k, A in lora.items() if k.endswith(".A"))
+    layers = {m: {} for m in out}
+    for module in sorted({k[:-2] for lora in loras for k in lora}):
+        As = [lora[module + ".A"] for lora in loras if module + ".A" in lora]
+        Bs = [lora[module + ".B"] for lora in loras if module + ".A" in lora]
+        layers["cat"][module] = (torch.cat(As), torch.cat(Bs, 1))
+        deltas = [B @ A for A, B in zip(As, Bs)]
+        for m, delta in (("svd", sum(deltas)), ("ties", ties(deltas, torch.ones(len(deltas)), density))):
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            layers[m][module] = (Vh[:rank], U[:, :rank] * S[:rank])
+    ranks = {"cat": len(layers["cat"][module][0]), "svd": rank, "ties": rank}
+    for m, folder_m in out.items():
+        save_lora(pipe, folder_m, layers[m], ranks[m])
+    return out
+
+
 # ---- Evaluation: everything from here on is measurement ----
 
 def mode_coverage(modes: torch.Tensor, K: int) -> float:
@@ -826,22 +880,48 @@ def mode_coverage(modes: torch.Tensor, K: int) -> float:
     return float(-(p * p.log()).sum() / math.log(K))
 
 
-@torch.no_grad()
-def evaluate(world: World, effects: list, base: Path, teachers: Path, student: Path | None, seeds: int,
-             guidances=(1.0, 2.0, 3.0, 5.0), g_teacher: float = 5.0, teacher_steps: int = 40, student_steps: int = 8,
-             more_loras: dict | None = None) -> dict:
-    """Every method on every (effect, held-out source, seed); metrics in pixel space (see docstring)."""
+@dataclass
+class Method:
+    """One row of the table: which LoRAs are active for an effect, which prompt it gets, which sampler."""
+    adapters: Callable           # effect -> list of adapter names
+    prompts: dict | None = None  # effect name -> prompt; None = the effect's own instruction (the teacher's prompt)
+    g: float = 0.0               # > 0: the teacher sampler (40 Euler steps, CFG g); 0: the 8-step student sampler
+
+
+def student_prompts(lora: Path) -> dict:
+    return {d["name"]: d["student_prompt"] for d in json.loads((lora / "collectionlora.json").read_text())["effects"]}
+
+
+def load_all(base: Path, effects: list, teachers: Path, loras: dict):
+    """The base with every teacher (adapter name = effect name) and every other LoRA {name: folder} loaded."""
     pipe = load_base(base)
-    tr = pipe.transformer
     for e in effects:
         pipe.load_lora_weights(str(teachers / e.name), weight_name=f"{e.name}.safetensors", adapter_name=e.name)
-    prompts_of = {}
-    if student is not None:
-        pipe.load_lora_weights(str(student), adapter_name="student")
-        prompts_of = {d["name"]: d["student_prompt"] for d in json.loads((student / "collectionlora.json").read_text())["effects"]}
-    more_loras = more_loras or {}  # more one-LoRA methods {row name: LoRA folder}, sampled like the student, same prompts
-    for m, folder in more_loras.items():
-        pipe.load_lora_weights(str(folder), adapter_name=m)
+    for name, folder in loras.items():
+        pipe.load_lora_weights(str(folder), adapter_name=name)
+    return pipe
+
+
+def run_method(pipe, spec: Method, effect: Effect, noise, src, p: Prompts, empty: Prompts, t_sig, steps: int = 8):
+    """(latents, NFE, seconds) of one method on a batch."""
+    pipe.set_adapters(spec.adapters(effect))
+    t = time.time()
+    if spec.g:
+        x, nfe = sample_teacher(pipe.transformer, noise, src, p, empty, t_sig, spec.g), (len(t_sig) - 1) * (2 if spec.g > 1 else 1)
+    else:
+        x, nfe = sample_student(pipe.transformer, noise, src, p, steps, torch.Generator().manual_seed(2)), steps
+    return x, nfe, time.time() - t
+
+
+def distances(out: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """Mean squared pixel distance of each output to each reference: out (B, ...), refs (M, B, ...) -> (M, B)."""
+    return (out[None] - refs).pow(2).flatten(2).mean(2)
+
+
+@torch.no_grad()
+def evaluate(world: World, effects: list, pipe, methods: dict, seeds: int, reference: str) -> dict:
+    """Every method on every (effect, held-out source, seed); metrics in pixel space (module docstring).
+    `reference` is the row the "vs teacher" PSNR compares with."""
     test, n = world.test, len(world.test)
     src = pack(pipe, test)                                   # (n, L, 16)
     rt = lambda x: unpack(pipe, pack(pipe, x))  # the VAE round trip: what a perfect latent model outputs
@@ -849,59 +929,78 @@ def evaluate(world: World, effects: list, base: Path, teachers: Path, student: P
     src_rt = rt(test)
     empty = encode_prompts(pipe, test, [""] * n)
     rep = lambda t: t.repeat(seeds, *[1] * (t.ndim - 1))  # (n, ...) -> (seeds * n, ...), seed-major
-    t_sig = teacher_sigmas(pipe.scheduler, teacher_steps, src.shape[1])
-
-    def noise(seed):
-        return torch.randn((seeds * n, *src.shape[1:]), generator=torch.Generator().manual_seed(seed))
-
+    reps = lambda p: Prompts(rep(p.embeds), rep(p.mask))
+    t_sig = teacher_sigmas(pipe.scheduler, 40, src.shape[1])
+    noise = torch.randn((seeds * n, *src.shape[1:]), generator=torch.Generator().manual_seed(1))
     results, pictures = {}, {}
     for e in effects:
-        teacher_p = encode_prompts(pipe, test, [e.instruction] * n)
-        runs = {}
-        pipe.set_adapters(e.name)
-        for g in guidances:
-            t = time.time()
-            runs[f"teacher_{teacher_steps}_g{g:g}"] = (sample_teacher(tr, noise(1), rep(src), Prompts(rep(teacher_p.embeds), rep(teacher_p.mask)),
-                                                                       Prompts(rep(empty.embeds), rep(empty.mask)), t_sig, g),
-                                                        teacher_steps * (2 if g > 1 else 1), time.time() - t)
-        t = time.time()
-        runs[f"teacher_{student_steps}"] = (sample_student(tr, noise(1), rep(src), Prompts(rep(teacher_p.embeds), rep(teacher_p.mask)),
-                                                           student_steps, torch.Generator().manual_seed(2)), student_steps, time.time() - t)
-        # Merge: every teacher LoRA active at once = peft's "cat" combination (the sum of all deltas), same prompt
-        pipe.set_adapters([o.name for o in effects])
-        t = time.time()
-        runs[f"merge_{student_steps}"] = (sample_student(tr, noise(1), rep(src), Prompts(rep(teacher_p.embeds), rep(teacher_p.mask)),
-                                                         student_steps, torch.Generator().manual_seed(2)), student_steps, time.time() - t)
-        if student is not None:
-            pipe.set_adapters("student")
-            sp = encode_prompts(pipe, test, [prompts_of[e.name]] * n)
-            t = time.time()
-            runs[f"collectionlora_{student_steps}"] = (sample_student(tr, noise(1), rep(src), Prompts(rep(sp.embeds), rep(sp.mask)),
-                                                                      student_steps, torch.Generator().manual_seed(2)), student_steps, time.time() - t)
-            for m in more_loras:
-                pipe.set_adapters(m)
-                t = time.time()
-                runs[m] = (sample_student(tr, noise(1), rep(src), Prompts(rep(sp.embeds), rep(sp.mask)), student_steps,
-                                          torch.Generator().manual_seed(2)), student_steps, time.time() - t)
+        encoded, runs = {}, {}
+        for m, spec in methods.items():
+            text = e.instruction if spec.prompts is None else spec.prompts[e.name]
+            if text not in encoded:
+                encoded[text] = reps(encode_prompts(pipe, test, [text] * n))
+            runs[m] = run_method(pipe, spec, e, noise, rep(src), encoded[text], reps(empty), t_sig)
         own = refs[e.name]                                                        # (K, n, 3, H, W)
-        others = torch.cat([refs[o.name] for o in effects if o.name != e.name] + [src_rt[None]])  # (M, n, 3, H, W)
-        res = {}
+        wrong = torch.cat([refs[o.name] for o in effects if o.name != e.name] + [src_rt[None]])  # (M, n, 3, H, W)
         decoded = {m: unpack(pipe, x) for m, (x, _, _) in runs.items()}          # (seeds * n, 3, H, W)
-        ref_teacher = decoded[f"teacher_{teacher_steps}_g{g_teacher:g}"]
-        for m, (x, nfe, secs) in runs.items():
+        res = {}
+        for m, (_, nfe, secs) in runs.items():
             out = decoded[m]
-            d_own = torch.stack([(out - rep(own[k])).pow(2).flatten(1).mean(1) for k in range(e.K)])  # (K, seeds * n)
-            d_oth = torch.stack([(out - rep(others[k])).pow(2).flatten(1).mean(1) for k in range(len(others))]).min(0).values
-            best, mode = d_own.min(0)
+            best, mode = distances(out, rep(own.transpose(0, 1)).transpose(0, 1)).min(0)
+            nearest_wrong = distances(out, rep(wrong.transpose(0, 1)).transpose(0, 1)).min(0).values
             res[m] = {"psnr_valid": float((10 * torch.log10(1 / best.clamp_min(1e-10))).mean()),
-                      "psnr_vs_teacher": float(psnr(out, ref_teacher).mean()),
-                      "bad_case": float((d_oth < best).float().mean()),
+                      "psnr_vs_teacher": float(psnr(out, decoded[reference]).mean()),
+                      "bad_case": float((nearest_wrong < best).float().mean()),
                       "coverage": mode_coverage(mode, e.K) if e.K > 1 else None,
                       "nfe": nfe, "batch_seconds_per_edit": secs / len(out)}
         results[e.name] = res
         pictures[e.name] = {"source": test[0], "valid": own[0, 0], **{m: out[0] for m, out in decoded.items()}}
-        log(f"eval {e.name}: " + " | ".join(f"{m} {r['psnr_valid']:.1f} dB bad {r['bad_case']:.2f}" for m, r in res.items()))
+        log(f"eval {e.name}: " + " | ".join(f"{m} {r['psnr_valid']:.1f}/{r['bad_case']:.2f}" for m, r in res.items()))
     return {"results": results, "pictures": pictures, "vae_roundtrip_psnr": float(psnr(src_rt, test).mean())}
+
+
+COMPOSE = "Please apply {} to the input image, and then apply {}."
+
+
+@torch.no_grad()
+def evaluate_composition(world: World, pairs: list, pipe, methods: dict, seeds: int) -> dict:
+    """Zero-shot composition: for each pair (A, B) the prompt COMPOSE.format(prompt_A, prompt_B) in one
+    8-step edit; the truth is B(A(source)) (any of K_A x K_B variants). Besides the PSNR to the nearest
+    valid composite: how often the output is nearer to an A-only or a B-only valid output than to any
+    composite. The row "teachers_chained_16" is what a user does without composition: A's teacher for
+    8 steps, then B's teacher on the decoded result for 8 more."""
+    test, n = world.test, len(world.test)
+    rt = lambda x: unpack(pipe, pack(pipe, x))
+    rep = lambda t: t.repeat(seeds, *[1] * (t.ndim - 1))
+    src = rep(pack(pipe, test))
+    noise = torch.randn(src.shape, generator=torch.Generator().manual_seed(3))
+    sources = rep(test)                                                       # (seeds * n, 3, H, W)
+    results = {}
+    for a, b in pairs:
+        valid = torch.stack([rt(torch.stack([b.fn(a.fn(x, va), vb) for x in test])) for va in range(a.K) for vb in range(b.K)])
+        a_only = torch.stack([rt(torch.stack([a.fn(x, v) for x in test])) for v in range(a.K)])
+        b_only = torch.stack([rt(torch.stack([b.fn(x, v) for x in test])) for v in range(b.K)])
+        res = {}
+        for m, spec in methods.items():
+            if m == "teachers_chained_16":
+                first = Method(lambda e: [e.name])
+                x, _, _ = run_method(pipe, first, a, noise, src, encode_prompts(pipe, sources, [a.instruction] * len(src)), None, None)
+                mid = unpack(pipe, x)
+                x, _, _ = run_method(pipe, first, b, noise, pack(pipe, mid), encode_prompts(pipe, mid, [b.instruction] * len(src)),
+                                     None, None)
+            else:
+                pa, pb = (e.instruction if spec.prompts is None else spec.prompts[e.name] for e in (a, b))
+                p = encode_prompts(pipe, test, [COMPOSE.format(pa, pb)] * n, T=96)
+                x, _, _ = run_method(pipe, spec, a, noise, src, Prompts(rep(p.embeds), rep(p.mask)), None, None)
+            out = unpack(pipe, x)
+            d = {k: distances(out, rep(r.transpose(0, 1)).transpose(0, 1)).min(0).values
+                 for k, r in (("valid", valid), ("a", a_only), ("b", b_only))}
+            res[m] = {"psnr_valid": float((10 * torch.log10(1 / d["valid"].clamp_min(1e-10))).mean()),
+                      "nearer_a_only": float((d["a"] < d["valid"]).float().mean()),
+                      "nearer_b_only": float((d["b"] < d["valid"]).float().mean())}
+        results[f"{a.name} -> {b.name}"] = res
+        log(f"compose {a.name} -> {b.name}: " + " | ".join(f"{m} {r['psnr_valid']:.1f}" for m, r in res.items()))
+    return results
 
 
 @torch.no_grad()
@@ -925,8 +1024,7 @@ def stock_pipeline_check(base: Path, teachers: Path, student: Path | None, effec
         pipe.set_adapters("teacher")
         if student is not None:
             pipe.load_lora_weights(str(student), adapter_name="student")
-            prompt = next(d["student_prompt"] for d in json.loads((student / "collectionlora.json").read_text())["effects"]
-                          if d["name"] == effect.name)
+            prompt = student_prompts(student)[effect.name]
             calls["collectionlora_8"] = (FlowMatchEulerDiscreteScheduler.from_pretrained(str(student), subfolder="scheduler"),
                                          lambda: cl.sample(pipe, image, prompt, steps=8, output_type="latent"))
         for m, (scheduler, call) in calls.items():
@@ -950,11 +1048,11 @@ def summarise(results: dict, methods: list) -> dict:
     rows = {}
     for m in methods:
         per = [r[m] for r in results.values() if m in r]
-        cov = [p["coverage"] for p in per if p["coverage"] is not None]
-        rows[m] = {"psnr_valid": sum(p["psnr_valid"] for p in per) / len(per),
-                   "psnr_vs_teacher": sum(p["psnr_vs_teacher"] for p in per) / len(per),
-                   "bad_case": sum(p["bad_case"] for p in per) / len(per),
-                   "coverage": sum(cov) / len(cov) if cov else None, "nfe": per[0]["nfe"]}
+        cov = [p["coverage"] for p in per if p.get("coverage") is not None]
+        rows[m] = {k: sum(p[k] for p in per) / len(per) for k in per[0] if k not in ("coverage", "nfe", "batch_seconds_per_edit")}
+        rows[m]["coverage"] = sum(cov) / len(cov) if cov else None
+        if "nfe" in per[0]:
+            rows[m]["nfe"] = per[0]["nfe"]
     return rows
 
 
@@ -965,22 +1063,52 @@ def markdown_table(rows: dict, extra: dict) -> str:
         cov = "–" if r["coverage"] is None else f"{r['coverage']:.2f}"
         x = extra.get(m, {})
         vs_teacher = "reference" if r["psnr_vs_teacher"] >= 99 else f"{r['psnr_vs_teacher']:.2f}"  # the Teacher row itself
+        secs = f"{x['seconds']:.3f}" if "seconds" in x else "–"
         lines.append(f"| {m} | {r['psnr_valid']:.2f} | {vs_teacher} | {cov} | {r['bad_case']:.3f} | {r['nfe']} | "
-                     f"{x.get('seconds', float('nan')):.3f} | {x.get('bytes', '–')} |")
+                     f"{secs} | {x.get('bytes', '–')} |")
     return "\n".join(lines)
+
+
+def composition_table(rows: dict) -> str:
+    lines = ["| method | PSNR to nearest B(A(x)) (dB) ↑ | nearer to A only ↓ | nearer to B only ↓ |", "|---|---|---|---|"]
+    lines += [f"| {m} | {r['psnr_valid']:.2f} | {r['nearer_a_only']:.2f} | {r['nearer_b_only']:.2f} |" for m, r in rows.items()]
+    return "\n".join(lines)
+
+
+def check_bars(rows: dict, walls: dict, ablations: list) -> dict:
+    """The issue's bar, each as (passed, the numbers it compares)."""
+    teacher = max((m for m in rows if m.startswith("teacher_40")), key=lambda m: rows[m]["psnr_valid"])
+    merge = max((m for m in rows if m.startswith("merge_") and m.endswith("+lightning_8")), key=lambda m: rows[m]["psnr_valid"])
+    ours, t = rows["collectionlora_8"], rows[teacher]
+    bars = {"fidelity within 0.5 dB of the teacher": (ours["psnr_valid"] >= t["psnr_valid"] - 0.5,
+                                                     f"{ours['psnr_valid']:.2f} vs {t['psnr_valid']:.2f} ({teacher})"),
+            "BCR <= half of fm+lightning": (ours["bad_case"] <= 0.5 * rows["fm+lightning_8"]["bad_case"],
+                                            f"{ours['bad_case']:.3f} vs {rows['fm+lightning_8']['bad_case']:.3f}"),
+            "BCR <= half of the best merge+lightning": (ours["bad_case"] <= 0.5 * rows[merge]["bad_case"],
+                                                        f"{ours['bad_case']:.3f} vs {rows[merge]['bad_case']:.3f} ({merge})"),
+            ">= 9x less time per edit than the teacher": (walls["seconds_teacher_40_cfg"] >= 9 * walls["seconds_collectionlora_8"],
+                                                           f"{walls['seconds_teacher_40_cfg'] / walls['seconds_collectionlora_8']:.1f}x")}
+    if ours["coverage"] is not None:
+        bars["mode coverage >= the teacher's"] = (ours["coverage"] >= t["coverage"], f"{ours['coverage']:.2f} vs {t['coverage']:.2f}")
+    for a in ablations:
+        r = rows[a]
+        worse = [k for k, w in (("PSNR", r["psnr_valid"] < ours["psnr_valid"]), ("BCR", r["bad_case"] > ours["bad_case"]),
+                                ("coverage", (r["coverage"] or 0) < (ours["coverage"] or 0))) if w]
+        bars[f"{a} worse than the full method on >= 1 metric"] = (bool(worse), ", ".join(worse) or "better or equal on all")
+    return {k: {"passed": bool(p), "numbers": s} for k, (p, s) in bars.items()}
 
 
 def save_grid(pictures: dict, columns: list, path: Path, scale: int = 3) -> None:
     """Rows = effects, columns = source, valid output 0 (for K > 1 any of the K is right), then each
     method (held-out source 0, seed 0)."""
     from PIL import Image, ImageDraw
-    pad, label_w, head = 2, 150, 14
+    pad, label_w, head = 2, 150, 26
     cell = SIZE * scale
     W, H = label_w + len(columns) * (cell + pad), head + len(pictures) * (cell + pad)
     grid = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(grid)
     for j, c in enumerate(columns):
-        draw.text((label_w + j * (cell + pad), 1), c[:16], fill="black")
+        draw.text((label_w + j * (cell + pad), 1), c.replace("+", "\n+"), fill="black")  # e.g. fm / +lightning_8
     for i, (name, pics) in enumerate(pictures.items()):
         y = head + i * (cell + pad)
         draw.text((2, y + cell // 2 - 5), name[:24], fill="black")
@@ -989,7 +1117,60 @@ def save_grid(pictures: dict, columns: list, path: Path, scale: int = 3) -> None
     grid.save(path)
 
 
-# ---- CLI ----
+def plot_scaling(root: Path) -> Path | None:
+    """Fidelity and BCR vs N from every report under root (one seed), as scaling.png and scaling.md.
+    Drawn with PIL (no plotting package in the requirements)."""
+    from PIL import Image, ImageDraw
+    points = {}  # method -> {N: row}
+    for f in sorted(root.glob("*/report/results.json")):
+        r = json.loads(f.read_text())
+        if "bars" not in r:
+            continue
+        N, rows = len(r["per_effect"]), r["summary"]
+        merge = max((m for m in rows if m.startswith("merge_") and m.endswith("+lightning_8")), key=lambda m: rows[m]["psnr_valid"])
+        teacher = max((m for m in rows if m.startswith("teacher_40")), key=lambda m: rows[m]["psnr_valid"])
+        for label, m in (("teacher (best g)", teacher), ("fm+lightning", "fm+lightning_8"), ("best merge+lightning", merge),
+                         ("collectionlora", "collectionlora_8")):
+            points.setdefault(label, {})[N] = rows[m]
+    if not points:
+        return None
+    Ns = sorted({N for p in points.values() for N in p})
+    lines = ["| method | " + " | ".join(f"N = {N}: PSNR / BCR" for N in Ns) + " |", "|---|" + "---|" * len(Ns)]
+    for label, p in points.items():
+        lines.append(f"| {label} | " + " | ".join(f"{p[N]['psnr_valid']:.2f} / {p[N]['bad_case']:.3f}" if N in p else "–"
+                                                   for N in Ns) + " |")
+    (root / "scaling.md").write_text("\n".join(lines) + "\n")
+    colours = [(0, 0, 0), (230, 120, 0), (120, 40, 160), (210, 30, 30)]
+    W, H, m = 360, 260, 40
+    img = Image.new("RGB", (2 * W, H + 40), "white")
+    d = ImageDraw.Draw(img)
+    for panel, (key, title) in enumerate((("psnr_valid", "PSNR to nearest valid (dB)"), ("bad_case", "bad-case ratio"))):
+        x0 = panel * W
+        vals = [p[N][key] for p in points.values() for N in p]
+        lo, hi = min(vals), max(vals)
+        lo, hi = (lo - 0.05 * (hi - lo + 1e-6), hi + 0.05 * (hi - lo + 1e-6))
+        X = lambda N: x0 + m + (W - 2 * m) * ((Ns.index(N) + 0.5) / len(Ns))
+        Y = lambda v: H - m - (H - 2 * m) * (v - lo) / (hi - lo)
+        d.rectangle([x0 + m, m, x0 + W - m, H - m], outline="black")
+        d.text((x0 + m, 8), title, fill="black")
+        for v in (lo, (lo + hi) / 2, hi):
+            d.text((x0 + 2, Y(v) - 5), f"{v:.2f}", fill="black")
+        for N in Ns:
+            d.text((X(N) - 8, H - m + 4), f"N={N}", fill="black")
+        for (label, p), c in zip(points.items(), colours):
+            xy = [(X(N), Y(p[N][key])) for N in Ns if N in p]
+            if len(xy) > 1:
+                d.line(xy, fill=c, width=2)
+            for x, y in xy:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+    for i, ((label, _), c) in enumerate(zip(points.items(), colours)):
+        d.rectangle([m + i * 170, H + 14, m + i * 170 + 10, H + 24], fill=c)
+        d.text((m + i * 170 + 14, H + 12), label, fill="black")
+    img.save(root / "scaling.png")
+    return root / "scaling.png"
+
+
+# ---- The benchmark: a Python function and a CLI ----
 
 QUICK_EFFECTS = ["tint_any", "roll_right_2", "roll_right_3", "invert"]  # multi-modal, a near-neighbour pair, deterministic
 # The embedded default (examples/toy/): the quick four plus four that are easy to see at a glance.
@@ -998,71 +1179,98 @@ TOY = Path(__file__).resolve().parent / "toy"
 # collectionlora knobs for this world (see the README's convergence notes): the paper's loop, a CPU-sized schedule
 DISTIL_KNOBS = {"rank": 64, "alpha": 64, "lr": 1e-3, "critic_lr": 1e-3, "beta1": 0.0, "beta2": 0.99, "gen_every": 2,
                 "route_every": 5, "p_switch": 0.8, "batch_size": 8, "teacher_steps": 40}
+# The paper's ablations, each one knob away from the full method
+ABLATIONS = {"no_pdsr": {"p_switch": 1.0}, "no_aop": {"aop": False}, "no_ts": {"w_ts": 0.0}, "no_tafm": {"w_fm": 0.0}}
 
 
-def export_toy(world: World, base: Path, folder: Path, teacher_steps: int, seed: int) -> None:
+def export_toy(world: World, base: Path, folder: Path, teacher_steps: int, seed: int, lightning_steps: int, work: Path) -> None:
     """Write the embedded default collection: the trained base (a diffusers folder), one teacher per
-    TOY_EFFECTS entry (32 source images each) and a general folder -- what the README's main command reads."""
+    TOY_EFFECTS entry (32 source images each), a general folder and a Lightning LoRA (distilled in
+    `work`) -- what the README's main command and `--quick` read."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp / "base")
     effects = [e for e in world.effects if e.name in TOY_EFFECTS]
     stage_teachers(world, effects, base, tmp / "teachers", tmp / "general", teacher_steps, seed, n_images=32)
+    lightning = stage_lightning(tmp / "teachers", effects[0].name, tmp / "general", base, work, seed, lightning_steps)
+    shutil.copytree(lightning, tmp / "lightning")
+    meta = json.loads((tmp / "lightning" / "collectionlora.json").read_text())
+    for k in ("teachers", "general", "base", "out"):  # no absolute paths in a committed file
+        meta["config"][k] = os.path.relpath(meta["config"][k])
+    meta["base"] = os.path.relpath(meta["base"])
+    (tmp / "lightning" / "collectionlora.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    log(f"wrote {folder}: base + {len(effects)} teachers + general, {size / 1e6:.1f} MB")
+    log(f"wrote {folder}: base + {len(effects)} teachers + general + lightning, {size / 1e6:.1f} MB")
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--effects", type=int, default=50, help="how many effects of the registry (the first N)")
     p.add_argument("--seed", type=int, default=0, help="the world, every model init and every noise draw")
-    p.add_argument("--quick", action="store_true", help="the 4 QUICK_EFFECTS with the embedded base and teachers "
-                   "(examples/toy): a few minutes on 2 cores")
+    p.add_argument("--quick", action="store_true", help="the 4 QUICK_EFFECTS with the embedded base, teachers and "
+                   "Lightning LoRA (examples/toy), no ablations: about 15 min on 2 cores")
     p.add_argument("--root", default="runs/effectbench", help="cache folder for every stage")
     p.add_argument("--base", default="", help="a pre-built base folder instead of training one (--quick: examples/toy/base)")
     p.add_argument("--vae_steps", type=int, default=4000, help="VAE training steps (about 0.16 s each; cached, shared)")
     p.add_argument("--base_steps", type=int, default=2500, help="base pretraining steps (about 0.07 s each; cached, shared)")
     p.add_argument("--teacher_steps", type=int, default=600, help="FM steps per teacher LoRA (about 0.09 s each)")
     p.add_argument("--distil_steps", type=int, default=None, help="collectionlora iterations (default: 1500 per 4 effects)")
+    p.add_argument("--lightning_steps", type=int, default=1500, help="iterations of the Lightning LoRA (general stream only)")
+    p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
+                   help="also distil the four ablations (default: on, off with --quick)")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per held-out source")
-    p.add_argument("--guidance", type=float, default=2.0, help="teacher CFG for the Teacher row and the real score "
-                   "(a first quick run: g = 1-2 scored best, g = 5 worst)")
-    p.add_argument("--export_toy", default="", help="write the embedded default collection (base + 8 teachers) to this folder and stop")
-    args = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    q = args.quick
-    t_start = time.time()
+    p.add_argument("--guidance", type=float, default=2.0, help="teacher CFG for the real score and the 'vs teacher' "
+                   "reference (a first quick run: g = 1-2 scored best, g = 5 worst)")
+    p.add_argument("--export_toy", default="", help="write the embedded default collection (base + 8 teachers + Lightning) "
+                   "to this folder and stop")
+    return p
 
+
+def benchmark(effects: dict, seed: int = 0, **options) -> dict:
+    """The whole benchmark for any effect set: effects = {name: (instruction, fn)} with fn(image) -> image
+    for a deterministic effect, or {name: (instruction, fn, K)} with fn(image, variant) for K valid
+    outputs; images are (3, 32, 32) tensors in [0, 1]. options = the CLI's flags (root, teacher_steps,
+    distil_steps, ablations, ...). Returns everything results.json holds; stages are cached under root."""
+    args = parser().parse_args([])
+    for k, v in options.items():
+        if not hasattr(args, k):
+            raise TypeError(f"benchmark() got an unknown option {k!r} -- one of {sorted(vars(args))}")
+        setattr(args, k, v)
+    args.seed = seed
+    spec = {name: s if len(s) == 3 else (s[0], (lambda x, v, fn=s[1]: fn(x)), 1) for name, s in effects.items()}
+    return run(spec, args)
+
+
+def run(spec: dict, args) -> dict:
+    t_start = time.time()
+    names = list(spec)
     reg = effect_registry()
-    names = QUICK_EFFECTS if q else list(reg)[: args.effects]
-    if not q and args.effects > len(reg):
-        print(f"error: --effects {args.effects} > {len(reg)} effects in the registry -- pass at most {len(reg)}", file=sys.stderr)
-        return 2
-    distil_steps = args.distil_steps or 1500 * math.ceil(len(names) / 4)
     root = Path(args.root) / f"seed{args.seed}"
-    world = build_world(reg, args.seed)  # the base and VAE see every registry effect's name only via the tokenizer
+    world = build_world(spec, args.seed)
     check_registry(world.effects, world.test[:8])
-    effects = [e for e in world.effects if e.name in names]
+    effects = world.effects
     log(f"world: {len(world.train)} train / {len(world.test)} held-out sources, {len(effects)} effects "
         f"({sum(e.K > 1 for e in effects)} multi-modal)")
-
-    embedded = q and not args.base and args.seed == 0 and (TOY / "teachers").is_dir()  # built from seed 0
+    embedded = args.quick and not args.base and args.seed == 0 and (TOY / "teachers").is_dir()  # built from seed 0
     base = Path(args.base) if args.base else TOY / "base" if embedded else root / f"base_v{args.vae_steps}_b{args.base_steps}"
     if args.base or embedded:
         if not (base / "model_index.json").is_file():
-            print(f"error: --base '{base}' is not a diffusers pipeline folder -- pass a folder save_base wrote", file=sys.stderr)
-            return 2
+            raise cl.InputError(f"--base '{base}' is not a diffusers pipeline folder -- pass a folder save_base wrote")
         notes = base / "effectbench_base.json"
         info = json.loads(notes.read_text()) if notes.is_file() else {}
-    else:
-        info = stage_base(world, base, args.seed, args.vae_steps, args.base_steps)
+    else:  # the base never depends on the benchmark's effects: always the registry world's general edits
+        info = stage_base(build_world(reg, args.seed), base, args.seed, args.vae_steps, args.base_steps)
     log(f"base {base}: {info}")
     if args.export_toy:
-        export_toy(world, base, Path(args.export_toy), args.teacher_steps, args.seed)
-        return 0
-    tag = f"{'quick' if q else 'n' + str(len(effects))}_t{args.teacher_steps}" + ("_toy" if embedded else "")
+        export_toy(build_world({n: reg[n] for n in TOY_EFFECTS}, args.seed), base, Path(args.export_toy), args.teacher_steps,
+                   args.seed, args.lightning_steps, root / f"export_lightning_{args.lightning_steps}")
+        return {}
+    registry_prefix = names == list(reg)[: len(names)] and all(spec[n][0] == reg[n][0] for n in names)
+    tag = ("quick" if args.quick else f"n{len(effects)}") + f"_t{args.teacher_steps}" + ("_toy" if embedded else "")
+    if not (args.quick or registry_prefix):  # a user's effect set: its own cache
+        tag += "_" + hashlib.sha1(json.dumps([[n, spec[n][0], spec[n][2]] for n in names]).encode()).hexdigest()[:8]
     teachers, general = root / tag / "teachers", root / tag / "general"
     if embedded and not teachers.is_dir():  # the embedded teachers of the quick four: nothing to train
         for name in names:
@@ -1071,47 +1279,107 @@ def main(argv=None) -> int:
     stage_teachers(world, effects, base, teachers, general, args.teacher_steps, args.seed)
     # the exact user path: the folder is read by collectionlora's own reader
     assert [e.name for e in cl.read_teachers(teachers)] == sorted(names)
-    out = root / tag / f"distil_{distil_steps}"
+
+    # the students: CollectionLoRA, its ablations, the Lightning LoRA (general stream only), the FM LoRA, the merges
+    distil_steps = args.distil_steps or 1500 * math.ceil(len(names) / 4)
     knobs = DISTIL_KNOBS | {"max_steps": distil_steps, "guidance": args.guidance, "log_every": 250,
                             "save_every": max(distil_steps // 2, 1)}
-    stage_distil(teachers, general, base, out, args.seed, **knobs)
-    student = out / "lora"
+    ablations = list(ABLATIONS) if args.ablations or (args.ablations is None and not args.quick) else []
+    loras = {}
+    for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]:
+        out = root / tag / (f"distil_{distil_steps}" + ("" if name == "collectionlora" else "_" + name))
+        stage_distil(teachers, general, base, out, args.seed, **(knobs | change))
+        loras[name] = out / "lora"
+    student = loras["collectionlora"]
+    if embedded and (TOY / "lightning").is_dir():
+        loras["lightning"] = TOY / "lightning"
+    else:
+        loras["lightning"] = stage_lightning(teachers, names[0], general, base, root / f"lightning_{args.lightning_steps}",
+                                             args.seed, args.lightning_steps)
+    prompts = student_prompts(student)
+    loras["fm"] = stage_fm(world, effects, base, root / tag / "fm_lora", prompts, DISTIL_KNOBS["rank"],
+                           args.teacher_steps * len(effects), args.seed)
+    merges = stage_merges(effects, teachers, base, root / tag / "merges")
+    loras |= {f"merge_{m}": folder for m, folder in merges.items()}
 
-    prompts = {d["name"]: d["student_prompt"] for d in json.loads((student / "collectionlora.json").read_text())["effects"]}
-    fm = stage_fm(world, effects, base, root / tag / "fm_lora", prompts, DISTIL_KNOBS["rank"],
-                  args.teacher_steps * len(effects), args.seed)
-    ev = evaluate(world, effects, base, teachers, student, args.seeds, g_teacher=args.guidance, more_loras={"fm_8": fm})
-    methods = [f"teacher_40_g{g:g}" for g in (1.0, 2.0, 3.0, 5.0)] + ["teacher_8", "merge_8", "fm_8", "collectionlora_8"]
-    rows = summarise(ev["results"], methods)
+    # the rows
+    own = lambda e: [e.name]
+    methods = {f"teacher_40_g{g:g}": Method(own, None, g) for g in (1.0, 2.0, 3.0, 5.0)}
+    methods |= {"teacher_8": Method(own), "teacher+lightning_8": Method(lambda e: [e.name, "lightning"]),
+                "lightning_8": Method(lambda e: ["lightning"])}
+    for m in merges:
+        methods[f"merge_{m}_8"] = Method(lambda e, m=m: [f"merge_{m}"])
+        methods[f"merge_{m}+lightning_8"] = Method(lambda e, m=m: [f"merge_{m}", "lightning"])
+    methods |= {"fm_8": Method(lambda e: ["fm"], prompts), "fm+lightning_8": Method(lambda e: ["fm", "lightning"], prompts),
+                "collectionlora_8": Method(lambda e: ["collectionlora"], prompts)}
+    methods |= {f"{a}_8": Method(lambda e, a=a: [a], student_prompts(loras[a])) for a in ablations}
+    reference = f"teacher_40_g{args.guidance:g}"
+    pipe = load_all(base, effects, teachers, loras)
+    ev = evaluate(world, effects, pipe, methods, args.seeds, reference)
+    rows = summarise(ev["results"], list(methods))
+    compose = {}
+    if len(effects) > 1:
+        pairs = [(effects[i], effects[(i + 1) % len(effects)]) for i in range(min(len(effects), 8))]
+        compose_methods = {m: methods[m] for m in ("collectionlora_8", "fm_8", "merge_cat_8")}
+        compose_methods["teachers_chained_16"] = None
+        compose = evaluate_composition(world, pairs, pipe, compose_methods, args.seeds)
     walls = stock_pipeline_check(base, teachers, student, effects[0], world.test[0], args.guidance)
     log(f"stock pipeline: {walls}")
     if not walls["batched_sampler_max_abs_diff"] < 1e-4:  # every metric rests on this oracle
-        print(f"error: the batched sampler differs from pipe(...) by {walls['batched_sampler_max_abs_diff']:.2e} -- "
-              f"the metrics would be wrong; fix sample_teacher / predict_v first", file=sys.stderr)
-        return 1
-    teacher_bytes = sum(f.stat().st_size for f in teachers.glob("*/*.safetensors"))
-    student_bytes = (student / "pytorch_lora_weights.safetensors").stat().st_size
-    extra = {m: {"seconds": walls["seconds_teacher_40_cfg"], "bytes": teacher_bytes} for m in methods if m.startswith("teacher_40")}
-    extra["teacher_40_g1"]["seconds"] = float("nan")  # only the CFG call is timed
-    extra["teacher_8"] = {"seconds": walls["seconds_teacher_8"], "bytes": teacher_bytes}
-    extra["merge_8"] = {"bytes": teacher_bytes}  # the cat merge is every teacher's A and B side by side
-    extra["fm_8"] = {"bytes": (fm / "pytorch_lora_weights.safetensors").stat().st_size}
-    extra["collectionlora_8"] = {"seconds": walls["seconds_collectionlora_8"], "bytes": student_bytes}
+        raise RuntimeError(f"the batched sampler differs from pipe(...) by {walls['batched_sampler_max_abs_diff']:.2e} -- "
+                           f"the metrics would be wrong; fix sample_teacher / predict_v first")
+
+    # the report
+    nbytes = {name: (folder / "pytorch_lora_weights.safetensors").stat().st_size for name, folder in loras.items()}
+    nbytes["teachers"] = sum(f.stat().st_size for f in teachers.glob("*/*.safetensors"))
+    # bytes to serve all N effects: every teacher file for a teacher row, else the row's one (or two) LoRA files
+    extra = {m: {"bytes": sum(nbytes["teachers"] if a in names else nbytes[a] for a in spec_.adapters(effects[0]))}
+             for m, spec_ in methods.items()}
+    for m in methods:
+        if m.startswith("teacher_40") and m != "teacher_40_g1":
+            extra[m]["seconds"] = walls["seconds_teacher_40_cfg"]
+    extra["teacher_8"]["seconds"] = walls["seconds_teacher_8"]
+    extra["collectionlora_8"]["seconds"] = walls["seconds_collectionlora_8"]
+    bars = check_bars(rows, walls, [f"{a}_8" for a in ablations])
     table = markdown_table(rows, extra)
-    report_dir = root / tag / "report"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    print(f"\nToy EffectBench, {len(effects)} effects, {len(world.test)} held-out sources x {args.seeds} seeds, "
-          f"pixel-space metrics (VAE round trip {ev['vae_roundtrip_psnr']:.2f} dB):\n")
-    print(table)
-    (report_dir / "table.md").write_text(table + "\n")
-    (report_dir / "results.json").write_text(json.dumps({"summary": rows, "per_effect": ev["results"], "wall": walls,
-                                                        "adapter_bytes": {"teachers_total": teacher_bytes, "student": student_bytes},
-                                                        "vae_roundtrip_psnr": ev["vae_roundtrip_psnr"], "base": info,
-                                                        "distil_knobs": knobs, "args": vars(args),
-                                                        "seconds": time.time() - t_start}, indent=2))
-    save_grid(ev["pictures"], ["source", "valid", f"teacher_40_g{args.guidance:g}", "teacher_8", "merge_8", "fm_8", "collectionlora_8"],
-              report_dir / "grid.png")
-    log(f"wrote {report_dir}/table.md, results.json, grid.png ({time.time() - t_start:.0f} s in all)")
+    compose_rows = summarise(compose, list(next(iter(compose.values())))) if compose else {}
+    report = root / tag / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    head = (f"Toy EffectBench, {len(effects)} effects, {len(world.test)} held-out sources x {args.seeds} seeds, "
+            f"pixel-space metrics (VAE round trip {ev['vae_roundtrip_psnr']:.2f} dB)")
+    text = [head, "", table, ""]
+    if compose_rows:
+        text += [f"Zero-shot composition, {len(compose)} ordered pairs (prompt: {COMPOSE!r}):", "", composition_table(compose_rows), ""]
+    text += ["The issue's bars:", ""] + [f"- [{'x' if b['passed'] else ' '}] {k}: {b['numbers']}" for k, b in bars.items()]
+    print("\n" + "\n".join(text))
+    (report / "table.md").write_text("\n".join(text) + "\n")
+    result = {"summary": rows, "per_effect": ev["results"], "composition": {"summary": compose_rows, "per_pair": compose},
+              "bars": bars, "wall": walls, "adapter_bytes": nbytes, "vae_roundtrip_psnr": ev["vae_roundtrip_psnr"],
+              "base": info, "distil_knobs": knobs, "ablations": {a: ABLATIONS[a] for a in ablations},
+              "args": vars(args), "seconds": time.time() - t_start}
+    (report / "results.json").write_text(json.dumps(result, indent=2))
+    columns = ["source", "valid", reference, "teacher_8", "teacher+lightning_8",
+               max((m for m in rows if m.startswith("merge_") and m.endswith("+lightning_8")), key=lambda m: rows[m]["psnr_valid"]),
+               "fm+lightning_8", "collectionlora_8"] + [f"{a}_8" for a in ablations]
+    save_grid(ev["pictures"], columns, report / "grid.png")
+    plot = plot_scaling(root)
+    log(f"wrote {report}/table.md, results.json, grid.png{', ' + str(plot) if plot else ''} ({time.time() - t_start:.0f} s in all)")
+    return result
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    reg = effect_registry()
+    if not args.quick and not 1 <= args.effects <= len(reg):
+        print(f"error: --effects {args.effects} is not in 1..{len(reg)} (the registry's size) -- pass at most {len(reg)}", file=sys.stderr)
+        return 2
+    names = QUICK_EFFECTS if args.quick else list(reg)[: args.effects]
+    try:
+        run({n: reg[n] for n in names}, args)
+    except cl.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
