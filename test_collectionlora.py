@@ -609,3 +609,46 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(teachers, tmp_path):
     straight = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "straight", max_steps=40)))
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert not list((teachers / "cwd").iterdir())
+
+
+# ---- examples/effectbench.py: the benchmark's own measuring tools ----
+
+import effectbench as eb  # noqa: E402
+
+
+def deltas(lora: dict) -> dict:
+    """{module: B @ A} of a read_lora dict (scale folded into B)."""
+    return {k[:-2]: lora[k[:-2] + ".B"] @ lora[k] for k in lora if k.endswith(".A")}
+
+
+def test_effectbench_merges_cat_is_the_sum_svd_the_best_low_rank_and_one_teacher_merges_to_itself(teachers, tmp_path):
+    effects = [eb.Effect(name, instruction, None, 1) for name, instruction, _, _ in EFFECTS]  # ranks 4, 8, 4
+    read = lambda f: deltas(cl.read_lora(f, QwenImageEditPlusPipeline, cl.build_tiny_pipeline(0).transformer))
+    each = [read(teachers / "teachers" / e.name / f"{e.name}.safetensors") for e in effects]
+    merges = eb.stage_merges(effects, teachers / "teachers", "tiny", tmp_path / "merges")
+    cat, svd = read(merges["cat"] / "pytorch_lora_weights.safetensors"), read(merges["svd"] / "pytorch_lora_weights.safetensors")
+    truncated = 0
+    for module, d in cat.items():
+        total = sum(t[module] for t in each)
+        assert torch.allclose(d, total, atol=1e-6 * float(total.abs().max()) + 1e-8), module
+        # Eckart-Young: the best rank-8 approximation misses exactly the tail of the spectrum
+        tail = torch.linalg.svdvals(total)[8:].pow(2).sum()
+        assert float((svd[module] - total).pow(2).sum()) == pytest.approx(float(tail), rel=1e-3, abs=1e-9), module
+        truncated += bool(tail > 1e-6 * total.pow(2).sum())
+    assert truncated > 0  # sum of ranks 16 > 8: some modules really were truncated
+    one = eb.stage_merges(effects[:1], teachers / "teachers", "tiny", tmp_path / "one", density=1.0)  # TIES keeps it all
+    for m in ("cat", "svd", "ties"):
+        merged = read(one[m] / "pytorch_lora_weights.safetensors")
+        for module, d in each[0].items():
+            assert torch.allclose(merged[module], d, atol=1e-5 * float(d.abs().max()) + 1e-8), (m, module)
+
+
+def test_effectbench_mode_coverage_is_the_normalised_entropy():
+    assert eb.mode_coverage(torch.tensor([0, 1, 2, 3] * 5), 4) == pytest.approx(1.0)
+    assert eb.mode_coverage(torch.tensor([2] * 9), 4) == pytest.approx(0.0)
+    assert eb.mode_coverage(torch.tensor([0, 3] * 4), 4) == pytest.approx(0.5)  # 2 of 4 equally: log 2 / log 4
+
+
+def test_effectbench_benchmark_refuses_an_unknown_option():
+    with pytest.raises(TypeError, match="unknown option 'effect_steps'"):
+        eb.benchmark({"x": ("Do x", lambda im: im)}, 0, effect_steps=3)
