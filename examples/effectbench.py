@@ -1224,8 +1224,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher_steps", type=int, default=600, help="FM steps per teacher LoRA (about 0.09 s each)")
     p.add_argument("--distil_steps", type=int, default=None, help="collectionlora iterations (default: 1500 per 4 effects)")
     p.add_argument("--lightning_steps", type=int, default=1500, help="iterations of the Lightning LoRA (general stream only)")
-    p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
-                   help="also distil the four ablations (default: on, off with --quick)")
+    p.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), default=None,
+                   help="distil these ablations too (no names: all four; default: all four, none with --quick)")
+    p.add_argument("--no-ablations", dest="no_ablations", action="store_true", help="distil no ablation")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per held-out source")
     p.add_argument("--guidance", type=float, default=2.0, help="teacher CFG for the real score and the 'vs teacher' "
                    "reference (a first quick run: g = 1-2 scored best, g = 5 worst)")
@@ -1290,7 +1291,11 @@ def run(spec: dict, args) -> dict:
     distil_steps = args.distil_steps or 1500 * math.ceil(len(names) / 4)
     knobs = DISTIL_KNOBS | {"max_steps": distil_steps, "guidance": args.guidance, "log_every": 250,
                             "save_every": max(distil_steps // 2, 1)}
-    ablations = list(ABLATIONS) if args.ablations or (args.ablations is None and not args.quick) else []
+    chosen = args.ablations  # None = the default; True / False from benchmark(); [] = all four; or some names
+    if args.no_ablations or chosen is False or (chosen is None and args.quick):
+        ablations = []
+    else:
+        ablations = list(ABLATIONS) if chosen in (None, True, []) else list(chosen)
     loras = {}
     for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]:
         out = root / tag / (f"distil_{distil_steps}" + ("" if name == "collectionlora" else "_" + name))
