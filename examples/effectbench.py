@@ -1251,6 +1251,7 @@ def benchmark(effects: dict, seed: int = 0, **options) -> dict:
 
 
 def run(spec: dict, args) -> dict:
+    """world -> base -> teachers -> the students (distil, ablations, Lightning, FM, merges) -> measure -> report."""
     t_start = time.time()
     names = list(spec)
     reg = effect_registry()
