@@ -749,6 +749,7 @@ def stage_teachers(world: World, effects: list, base: Path, folder: Path, genera
         rank = (4, 8, 16)[k % 3]
         tgt = torch.stack([pack(pipe, torch.stack([e.fn(x, v) for x in world.train])) for v in range(e.K)])  # (K, n, L, 16)
         p = encode_prompts(pipe, world.train, [e.instruction] * n)
+        torch.manual_seed(seed + k)  # the LoRA init (peft draws A from the global RNG)
         pipe.transformer.add_adapter(lora_config(rank), adapter_name=e.name)
         pipe.transformer.set_adapter(e.name)
         params = cl.adapter_params(pipe.transformer, e.name)
@@ -794,6 +795,7 @@ def stage_fm(world: World, effects: list, base: Path, folder: Path, prompts: dic
     def target(i, g):  # pair index i = effect j * n + source k; a random valid variant of that effect
         return torch.stack([tgts[j][torch.randint(len(tgts[j]), (), generator=g), k] for j, k in zip((i // n).tolist(), (i % n).tolist())])
 
+    torch.manual_seed(seed)  # the LoRA init (peft draws A from the global RNG)
     pipe.transformer.add_adapter(lora_config(rank), adapter_name="fm")
     pipe.transformer.set_adapter("fm")
     fm_train(pipe.transformer, cl.adapter_params(pipe.transformer, "fm"), src.repeat(J, 1, 1), target,
