@@ -652,3 +652,18 @@ def test_effectbench_mode_coverage_is_the_normalised_entropy():
 def test_effectbench_benchmark_refuses_an_unknown_option():
     with pytest.raises(TypeError, match="unknown option 'effect_steps'"):
         eb.benchmark({"x": ("Do x", lambda im: im)}, 0, effect_steps=3)
+
+
+def test_effectbench_in_parallel_runs_each_stage_in_its_own_process_and_reports_a_failure(tmp_path):
+    write = lambda i: (tmp_path / f"{i}.txt").write_text(str(os.getpid()))
+    eb.in_parallel(2, [lambda i=i: write(i) for i in range(3)])
+    pids = {(tmp_path / f"{i}.txt").read_text() for i in range(3)}
+    assert len(pids) == 3 and str(os.getpid()) not in pids  # three stages, three child processes
+    with pytest.raises(RuntimeError, match="exit code 3.*--jobs 1"):
+        eb.in_parallel(2, [lambda: None, lambda: sys.exit(3)])
+
+
+def test_effectbench_planned_prompts_are_the_prompts_train_chose(teachers, trained):
+    planned = eb.planned_prompts(teachers / "teachers", "tiny", 0)
+    assert planned == eb.student_prompts(trained[1])
+    assert len(set(planned.values())) == len(EFFECTS)  # one distinct prompt per effect

@@ -731,9 +731,10 @@ def lora_config(rank: int):
 
 
 def stage_teachers(world: World, effects: list, base: Path, folder: Path, general: Path, steps: int, seed: int,
-                   n_images: int = 32, n_general: int = 16) -> dict:
+                   n_images: int = 32, n_general: int = 16, part: tuple = (0, 1)) -> dict:
     """One LoRA per effect (ranks cycle 4, 8, 16), flow matching on (source, fn(source, random variant))
-    with the effect's instruction; written as a collectionlora --teachers folder, plus --general."""
+    with the effect's instruction; written as a collectionlora --teachers folder, plus --general.
+    part (j, J): only the effects k with k % J == j (each teacher is seeded by k alone)."""
     from peft.utils import get_peft_model_state_dict
     pipe = load_base(base)
     n = len(world.train)
@@ -742,6 +743,8 @@ def stage_teachers(world: World, effects: list, base: Path, folder: Path, genera
     report = {}
     for k, e in enumerate(effects):
         out = folder / e.name
+        if k % part[1] != part[0]:  # another process's share (see in_parallel)
+            continue
         if (out / "effect.json").is_file():
             report[e.name] = json.loads((out / "effect.json").read_text())
             continue
@@ -772,6 +775,8 @@ def stage_teachers(world: World, effects: list, base: Path, folder: Path, genera
         os.replace(tmp, out)
         report[e.name] = meta
         log(f"teacher {e.name}: rank {rank}, {steps} steps, {time.time() - t0:.0f} s")
+    if part[1] > 1:
+        return report
     general.mkdir(parents=True, exist_ok=True)
     for j in range(n_general):  # general stream: train sources (after the teachers' images) with general instructions
         to_pil(world.train[n_images + j]).save(general / f"{j}.png")
@@ -813,10 +818,11 @@ def stage_distil(teachers: Path, general: Path, base: Path, out: Path, seed: int
     """collectionlora.train on the folders above, exactly as a user would run it."""
     if (out / "lora" / "collectionlora.json").is_file():
         return json.loads((out / "lora" / "collectionlora.json").read_text())
-    shutil.rmtree(out, ignore_errors=True)
+    resume = any((out / "checkpoints").glob("step_*.pt"))  # an interrupted run continues where it stopped
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
     cfg = cl.Config(teachers=str(teachers), general=str(general), base=str(base), out=str(out), seed=seed, device="cpu",
-                    image_size=SIZE, condition_size=CONDITION,
-                    **knobs)
+                    image_size=SIZE, condition_size=CONDITION, resume=resume, **knobs)
     t0 = time.time()
     lora = cl.train(cfg)
     meta = json.loads((lora / "collectionlora.json").read_text())
@@ -894,6 +900,44 @@ class Method:
     adapters: Callable           # effect -> list of adapter names
     prompts: dict | None = None  # effect name -> prompt; None = the effect's own instruction (the teacher's prompt)
     g: float = 0.0               # > 0: the teacher sampler (40 Euler steps, CFG g); 0: the 8-step student sampler
+
+
+def planned_prompts(teachers: Path, base: Path, seed: int) -> dict:
+    """The student prompts collectionlora.train will choose for this folder (its reader, its trigger
+    search), so the FM baseline need not wait for the distillation; run() checks they are the same."""
+    pipe = cl.load_pipeline(str(base), torch.device("cpu"), torch.float32, seed)
+    effects = cl.read_teachers(teachers)
+    cl.choose_triggers(pipe, effects, seed)
+    return {e.name: e.student_prompt for e in effects}
+
+
+def one_thread(call) -> None:
+    torch.set_num_threads(1)
+    call()
+
+
+def in_parallel(jobs: int, calls: list) -> None:
+    """Run independent cached stages in `jobs` forked processes (one torch thread each, like the parent),
+    so a 2-core machine trains two things at once; the caller then calls the same stages again and reads
+    their caches. Forked, not spawned: the closures and the world's effect functions need no pickling."""
+    import multiprocessing
+    if jobs <= 1 or len(calls) <= 1:
+        for call in calls:
+            call()
+        return
+    ctx, pending, running = multiprocessing.get_context("fork"), list(calls), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            running.append(ctx.Process(target=one_thread, args=(pending.pop(0),)))
+            running[-1].start()
+        running[0].join(timeout=1.0)
+        for proc in [p for p in running if p.exitcode is not None]:
+            running.remove(proc)
+            if proc.exitcode != 0:
+                for p in running:
+                    p.terminate()
+                raise RuntimeError(f"a parallel stage failed (exit code {proc.exitcode}); its error is printed above -- "
+                                   f"rerun to continue from the caches, or pass --jobs 1")
 
 
 def student_prompts(lora: Path) -> dict:
@@ -1233,6 +1277,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), default=None,
                    help="distil these ablations too (no names: all four; default: all four, none with --quick)")
     p.add_argument("--no-ablations", dest="no_ablations", action="store_true", help="distil no ablation")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes for the independent stages (teachers; students, FM, Lightning), one core each")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per held-out source")
     p.add_argument("--guidance", type=float, default=2.0, help="teacher CFG for the real score and the 'vs teacher' "
                    "reference (a first quick run: g = 1-2 scored best, g = 5 worst)")
@@ -1290,7 +1336,9 @@ def run(spec: dict, args) -> dict:
         for name in names:
             shutil.copytree(TOY / "teachers" / name, teachers / name)
         shutil.copytree(TOY / "general", general)
-    stage_teachers(world, effects, base, teachers, general, args.teacher_steps, args.seed)
+    in_parallel(args.jobs, [lambda j=j: stage_teachers(world, effects, base, teachers, general, args.teacher_steps,
+                                                      args.seed, part=(j, args.jobs)) for j in range(args.jobs)])
+    stage_teachers(world, effects, base, teachers, general, args.teacher_steps, args.seed)  # cached by now
     # the exact user path: the folder is read by collectionlora's own reader
     assert [e.name for e in cl.read_teachers(teachers)] == sorted(names)
 
@@ -1303,20 +1351,26 @@ def run(spec: dict, args) -> dict:
         ablations = []
     else:
         ablations = list(ABLATIONS) if chosen in (None, True, []) else list(chosen)
-    loras = {}
-    for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]:
-        out = root / tag / (f"distil_{distil_steps}" + ("" if name == "collectionlora" else "_" + name))
-        stage_distil(teachers, general, base, out, args.seed, **(knobs | change))
-        loras[name] = out / "lora"
+    students = {name: (root / tag / (f"distil_{distil_steps}" + ("" if name == "collectionlora" else "_" + name)),
+                       knobs | change) for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]}
+    embedded_lightning = embedded and (TOY / "lightning").is_dir()
+    prompts = planned_prompts(teachers, base, args.seed)
+    calls = {"lightning": lambda: embedded_lightning or stage_lightning(
+                 teachers, names[0], general, base, root / f"lightning_{args.lightning_steps}", args.seed, args.lightning_steps),
+             "fm_baseline": lambda: stage_fm(world, effects, base, root / tag / "fm_lora", prompts, DISTIL_KNOBS["rank"],
+                                             args.teacher_steps * len(effects), args.seed)}
+    calls |= {name: (lambda out=out, kn=kn: stage_distil(teachers, general, base, out, args.seed, **kn))
+              for name, (out, kn) in students.items()}
+    in_parallel(args.jobs, [calls[k] for k in sorted(calls, key=lambda k: k != "collectionlora")])  # the longest first
+    for name, (out, kn) in students.items():
+        stage_distil(teachers, general, base, out, args.seed, **kn)  # cached by now
+    loras = {name: out / "lora" for name, (out, kn) in students.items()}
     student = loras["collectionlora"]
-    if embedded and (TOY / "lightning").is_dir():
-        loras["lightning"] = TOY / "lightning"
-    else:
-        loras["lightning"] = stage_lightning(teachers, names[0], general, base, root / f"lightning_{args.lightning_steps}",
-                                             args.seed, args.lightning_steps)
-    prompts = student_prompts(student)
-    loras["fm_baseline"] = stage_fm(world, effects, base, root / tag / "fm_lora", prompts, DISTIL_KNOBS["rank"],
-                           args.teacher_steps * len(effects), args.seed)
+    if student_prompts(student) != prompts:
+        raise RuntimeError("the FM baseline's prompts differ from the student's -- planned_prompts no longer mirrors "
+                           "collectionlora.train's trigger choice; fix it")
+    loras["lightning"] = TOY / "lightning" if embedded_lightning else calls["lightning"]()
+    loras["fm_baseline"] = calls["fm_baseline"]()
     merges = stage_merges(effects, teachers, base, root / tag / "merges")
     loras |= {f"merge_{m}": folder for m, folder in merges.items()}
 
