@@ -26,8 +26,7 @@ Use the result in stock diffusers (runs/mine/preview.png shows source | teacher 
 
 Deviations from the official code (causvid/), each on purpose:
  1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline) and cached, not made by hand.
- 2. All teachers share ONE exact rank-padded `teacher` adapter slot on the base (TeacherBank); any LoRA format
-    diffusers reads is accepted.
+ 2. All teachers share ONE exact rank-padded `teacher` adapter slot on the base (TeacherBank), in any diffusers format.
  3. The stream (PDSR) is redrawn every `route_every` steps as in the code (paper: every step), as a pure function of
     (seed, step), so a resumed run sees exactly the same data.
  4. Target-simulation inputs come from the last `ts_last_k` student sigmas (code), not tau_max (paper).
@@ -35,8 +34,7 @@ Deviations from the official code (causvid/), each on purpose:
     stock pipeline's true-CFG (teacher targets) also rescales to the conditional norm; DMD's real score does not (official).
  6. No DMD2 GAN term (the paper drops it: mode collapse with many teachers), no EMA (as official).
  7. Step limit, atomic checkpoints and exact resume; the official loop has neither.
- 8. Triggers minimise the largest pairwise cosine of the student prompts' text embeddings (the paper uses random
-    strings and never measures orthogonality).
+ 8. Triggers minimise the largest pairwise cosine of the student prompts' embeddings (paper: random, never measured).
 """
 import argparse
 import collections
@@ -75,9 +73,8 @@ class Stopped(RuntimeError):
 
 # ---- Config ----
 
-QWEN_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                       "to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-                       "txt_mlp.net.2", "img_mod.1", "txt_mod.1")
+QWEN_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                       "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1")
 
 
 def knob(default, why):
@@ -91,10 +88,8 @@ class Config:
     teachers: str = knob("", "folder of effects: one sub-folder per effect (LoRA + effect.json [+ images/])")
     general: str = knob("", "folder of general edits (image + same-name .txt instruction); feeds the general stream")
     base: str = knob("Qwen/Qwen-Image-Edit-2509", "hub id or local folder of the base pipeline; 'tiny' = random tiny model")
-    image_size: int = knob(0, "side in pixels of the output (VAE) image area, a multiple of 32; 0 = the pipeline's "
-                              "(1024; 64 for --base tiny). Lower it for a small base trained on small pictures")
-    condition_size: int = knob(0, "side in pixels of the condition image area the text encoder sees, a multiple of 32; "
-                                  "0 = the pipeline's (384; 64 for --base tiny)")
+    image_size: int = knob(0, "output (VAE) image side in pixels, a multiple of 32; 0 = the pipeline's 1024 (64 for --base tiny)")
+    condition_size: int = knob(0, "side of the image the text encoder sees, a multiple of 32; 0 = 384 (64 for --base tiny)")
     out: str = knob("collectionlora_out", "output folder: lora/, preview.png, checkpoints/, cache/")
     cache_dir: str = knob("", "teacher-target and LoRA cache; empty = <out>/cache")
     seed: int = knob(0, "seeds the model init, the router and all noise")
@@ -102,8 +97,7 @@ class Config:
     max_steps: int = knob(25000, "iterations (critic updates); the student updates every gen_every")
     gen_every: int = knob(5, "DMD2 two-time-scale rule: student every 5th step, critic every step")
     route_every: int = knob(20, "official code redraws the stream every 20 steps")
-    batch_size: int = knob(1, "edits per step, all from one effect's images (or the general ones), which must share one "
-                              "size (paper: 1). On CPU, 8 costs little more time than 1")
+    batch_size: int = knob(1, "edits per step, from one effect's (or the general) images of one size (paper 1); on CPU 8 cost ~1")
     p_switch: float = knob(0.5, "PDSR: probability that a period comes from the effect stream")
     # LoRA and optimiser (official config)
     rank: int = knob(128, "student and critic LoRA rank (paper)")
@@ -125,8 +119,7 @@ class Config:
     ts_t_min: float = knob(500.0, "target simulation: DMD timestep drawn from [ts_t_min, 1000) (paper tau_min)")
     w_ts: float = knob(1.0, "weight of the target-simulation DMD term (paper: unweighted)")
     w_fm: float = knob(1.0, "weight of trajectory-anchored flow matching (paper: unweighted)")
-    aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop is the paper's ablation (the student "
-                           "sees the teacher's instruction, triggers in effect.json are ignored)")
+    aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop (ablation): the teacher's instruction")
     # engineering
     log_every: int = knob(50, "one log line every N steps")
     save_every: int = knob(500, "checkpoint every N steps (atomic)")
@@ -211,14 +204,10 @@ def student_sigmas(steps: int, shift: float) -> torch.Tensor:
     return shift_sigma(torch.linspace(1.0, 1.0 / steps, steps), shift)  # (steps,)
 
 
-def draw_t(gen: torch.Generator, t_min: float, t_max: float) -> torch.Tensor:
-    """t ~ U[t_min, t_max) on the 0..1000 timestep scale (before the shift)."""
-    return t_min + (t_max - t_min) * torch.rand((), generator=gen, device=gen.device)
-
-
-def sigma_of(t, shift: float):
-    """Training timestep -> shifted sigma in [0, 1] (the same shift as the student's sampler)."""
-    return shift_sigma(t / 1000.0, shift)
+def draw_sigma(gen: torch.Generator, t_min: float, shift: float):
+    """t ~ U[t_min, 1000) on the timestep scale and its sigma, shifted as the student's sampler is: (t, sigma)."""
+    t = t_min + (1000.0 - t_min) * torch.rand((), generator=gen, device=gen.device)
+    return t, shift_sigma(t / 1000.0, shift)
 
 
 def flow_matching_loss(v, x0, eps):
@@ -227,9 +216,8 @@ def flow_matching_loss(v, x0, eps):
 
 
 def student_scheduler(cfg: Config):
-    """The stock diffusers scheduler that reproduces the student's sampler exactly: predict x0,
-    re-noise it to the next sigma with fresh noise (stochastic_sampling), static shift, no dynamic
-    shifting. `pipe(..., num_inference_steps=8)` then visits student_sigmas(8, 3) and ends at sigma 0."""
+    """The stock diffusers scheduler that is exactly the student's sampler (stochastic_sampling: predict x0, re-noise
+    with fresh noise; static shift): `pipe(..., num_inference_steps=8)` visits student_sigmas(8, 3), then sigma 0."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift, use_dynamic_shifting=False,
                                            stochastic_sampling=True)
@@ -248,9 +236,8 @@ class EditInputs:
     img_shapes: list                  # [[(1, h, w) of the output, (1, h, w) of the source]] in patches
 
     def to(self, device):
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return dataclasses.replace(self, embeds=move(self.embeds), mask=move(self.mask),
-                                   image_latents=move(self.image_latents))
+        return dataclasses.replace(self, embeds=self.embeds.to(device), image_latents=self.image_latents.to(device),
+                                   mask=None if self.mask is None else self.mask.to(device))
 
 
 class ImageOnlyProcessor(Qwen2VLProcessor):
@@ -288,9 +275,8 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
 
 @contextlib.contextmanager
 def tiny_image_sizes(condition: int = 64 * 64, vae: int = 64 * 64):
-    """The stock pipeline resizes every input to the module-global areas 384^2 (condition image) and 1024^2
-    (VAE image), whatever you pass; a small model needs small images, so set them (0 = leave one as it is)
-    and restore them afterwards."""
+    """The stock pipeline resizes every input to the module-global areas 384^2 (condition image) and 1024^2 (VAE
+    image), whatever you pass; a small model needs small images: set them (0 = leave as is), then restore them."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
     old = qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE
     qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = condition or old[0], vae or old[1]
@@ -348,8 +334,7 @@ def decode(pipe, latents, width: int, height: int):
 
 
 def build_tiny_pipeline(seed: int = 0):
-    """A random QwenImageEditPlusPipeline small enough for CPU tests (transformer ~0.2M params,
-    byte-level tokenizer, 4-channel VAE), built in memory without any download."""
+    """A random QwenImageEditPlusPipeline for CPU tests (~0.2M-param transformer, byte-level tokenizer, 4-channel VAE)."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
                            QwenImageTransformer2DModel)
     from tokenizers import pre_tokenizers
@@ -376,12 +361,10 @@ def build_tiny_pipeline(seed: int = 0):
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
                                               num_attention_heads=3, joint_attention_dim=hidden, axes_dims_rope=(8, 4, 4)).eval()
     # A Qwen-Image-like scheduler (dynamic shifting): the teachers' sampler, not the student's.
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
-                                                time_shift_type="exponential")
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
     pipe = QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                     processor=ImageOnlyProcessor(Qwen2VLImageProcessorPil(), tokenizer),
-                                     transformer=transformer)
+                                     transformer=transformer, processor=ImageOnlyProcessor(Qwen2VLImageProcessorPil(), tokenizer))
     pipe.register_to_config(processor=STOCK_PROCESSOR)  # so save_pretrained writes a folder load_pipeline reads
     return pipe
 
@@ -429,12 +412,6 @@ class Effect:
     trigger: str = ""          # unique token string; chosen automatically when empty
     student_prompt: str = ""   # trigger + instruction unless given
     weight: float = 1.0        # LoRA strength the teacher was meant to be used at
-
-
-@dataclass
-class GeneralEdit:
-    image: Path
-    instruction: str
 
 
 def list_images(folder: Path, batch_size: int = 1) -> list:
@@ -497,8 +474,7 @@ def read_teachers(folder, batch_size: int = 1) -> list:
 
 
 def read_inputs(cfg: Config):
-    """--out, --teachers and --general, read and checked before anything is written. Returns (effects, general
-    edits); --general holds images with a same-name .txt file holding the edit instruction."""
+    """--out, --teachers and --general, checked before anything is written: (effects, [(image, instruction)] edits)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file -- pass a folder name")
@@ -513,7 +489,7 @@ def read_inputs(cfg: Config):
         folder = Path(cfg.general)
         if not folder.is_dir():
             raise InputError(f"--general '{folder}' is not a folder -- pass a folder of images with .txt instructions")
-        general = [GeneralEdit(p, p.with_suffix(".txt").read_text().strip())
+        general = [(p, p.with_suffix(".txt").read_text().strip())
                    for p in list_images(folder, cfg.batch_size) if p.with_suffix(".txt").is_file()]
         if not general:
             raise InputError(f"--general '{folder}' has no image with a same-name .txt instruction")
@@ -525,9 +501,8 @@ def read_inputs(cfg: Config):
 
 
 def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
-    """Read any LoRA format diffusers converts (diffusers, peft, kohya, ComfyUI) with the pipeline's
-    own `lora_state_dict`, check it against the base, and return it as {module}.A (r, in) /
-    {module}.B (out, r) with the LoRA scale alpha/r folded into B."""
+    """Read any LoRA format diffusers converts (diffusers, peft, kohya, ComfyUI) with the pipeline's own `lora_state_dict`,
+    check it against the base: {module}.A (r, in) / {module}.B (out, r), the LoRA scale alpha/r folded into B."""
     try:
         sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), use_safetensors=True,  # never unpickle a LoRA
                                                     return_lora_metadata=True)
@@ -577,11 +552,10 @@ def atomic_save(obj, path: Path, save=torch.save) -> None:
 
 
 class TeacherBank:
-    """All teachers, kept CPU-side as memory-mapped safetensors (RAM does not grow with their number),
-    and ONE `teacher` adapter slot on the shared base transformer (GPU memory: 1x base, not 1x per
-    teacher). The slot has rank R = max teacher rank over the union of teacher modules and scale 1.
-    Swapping in a rank-r teacher is exact: A -> first r rows of A_slot, scale*B -> first r columns of
-    B_slot, zeros elsewhere, so (B_slot A_slot) x = scale (B A) x for mixed ranks and alphas."""
+    """All teachers, kept CPU-side as memory-mapped safetensors (RAM does not grow with their number), and ONE `teacher`
+    adapter slot on the shared base transformer (GPU memory: 1x base, not 1x per teacher). The slot has rank R = max
+    teacher rank over the union of teacher modules and scale 1. Swapping in a rank-r teacher is exact: A -> first r rows
+    of A_slot, scale*B -> first r columns of B_slot, zeros elsewhere, so (B_slot A_slot) x = scale (B A) x."""
 
     def __init__(self, effects: list, pipe, cache: Path):
         from peft import LoraConfig
@@ -678,11 +652,10 @@ def random_trigger(rng: random.Random, name: str) -> str:
 
 
 def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: bool = True) -> dict:
-    """Give every effect without a trigger one that keeps the student prompts as close to mutually
-    orthogonal as possible: greedily, each effect takes the candidate that minimises the largest
-    cosine to the prompts chosen so far. Fills e.trigger / e.student_prompt in place and returns the
-    largest pairwise cosine of the naive choice (first candidate) and of the chosen one.
-    aop False is the paper's "w/o AOP" ablation: every student prompt is the teacher's instruction."""
+    """Give every effect without a trigger one that keeps the student prompts as close to mutually orthogonal as
+    possible: greedily, each effect takes the candidate that minimises the largest cosine to the prompts chosen so far.
+    Fills e.trigger / e.student_prompt in place; returns the largest pairwise cosine of the naive choice (first
+    candidate) and of the chosen one. aop False is the paper's "w/o AOP" ablation: student prompt = instruction."""
     rng = random.Random(f"{seed}/triggers")
     empty = prompt_embedding(pipe, "")  # subtracted, so the shared chat template does not dominate the cosine
     naive, chosen = [], []
@@ -713,9 +686,8 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: b
 # ---- Data: every (prompt, image) encoded once, every teacher target ("base_pred") computed once ----
 
 def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler):
-    """The teacher's output latents for (effect, source image): the stock pipeline with the effect's
-    LoRA, cfg.teacher_steps steps, CFG g, the base's own scheduler. Cached on disk by (teacher file
-    hash, image hash, prompt, seed, steps, g); a second run only reads the cache."""
+    """The teacher's output latents for (effect, source image): the stock pipeline with the effect's LoRA, teacher_steps
+    steps, CFG g, the base's own scheduler; cached on disk by (teacher, image, prompt, seed, steps, g)."""
     from PIL import Image
     e = bank.effects[index]
     image = Image.open(image_path).convert("RGB")
@@ -729,12 +701,9 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
     use_adapter(pipe.transformer, "teacher")
     student_sched, pipe.scheduler = pipe.scheduler, teacher_scheduler
     try:
-        y = pipe(image=image, prompt=e.instruction, negative_prompt="", true_cfg_scale=cfg.guidance,
-                 height=vh, width=vw, num_inference_steps=cfg.teacher_steps, output_type="latent",
-                 generator=torch.Generator(pipe.transformer.device).manual_seed(cfg.seed)).images
+        y = sample(pipe, image, e.instruction, cfg.teacher_steps, cfg.seed, "latent", cfg.guidance).float().cpu()  # (1, L, 4C)
     finally:
         pipe.scheduler = student_sched
-    y = y.float().cpu()  # (1, L, 4C) packed latents
     atomic_save(y, path)
     return y
 
@@ -770,15 +739,14 @@ class EditData:
     def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
         from tqdm.auto import tqdm
         self.effects = effects
-        self.pools = [e.images or [g.image for g in general] for e in effects]  # read_inputs: none is empty
+        self.pools = [e.images or [image for image, _ in general] for e in effects]  # read_inputs: none is empty
         enc = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg))
-        jobs = [(i, p) for i, pool in enumerate(self.pools) for p in pool]
         self.effect_inputs, self.targets = {}, {}
-        for i, p in tqdm(jobs, desc="teacher targets", disable=not jobs):
+        for i, p in tqdm([(i, p) for i, pool in enumerate(self.pools) for p in pool], desc="teacher targets"):
             e = effects[i]
             self.effect_inputs[i, p] = (enc(e.student_prompt, p), enc(e.instruction, p), enc("", p))
             self.targets[i, p] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler)
-        self.general_inputs = [(enc(g.instruction, g.image), enc("", g.image)) for g in general]
+        self.general_inputs = [(enc(instruction, image), enc("", image)) for image, instruction in general]
 
     def batch(self, r: Route, device) -> Batch:
         if r.stream == "effect":
@@ -802,10 +770,9 @@ def stack(inputs: list, device) -> EditInputs:
 
 
 def prepare(pipe, cfg: Config, effects: list, general: list):
-    """Everything before the loop: the triggers (AOP), the teacher slot, every input encoded and every teacher target
-    computed (by the base's own scheduler; the pipeline keeps the student's). Returns (TeacherBank, EditData, AOP report)."""
+    """Everything before the loop: AOP triggers, the teacher slot, every input encoded, every teacher target computed."""
     pipe.set_progress_bar_config(disable=True)
-    teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)
+    teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)  # the teachers sample with the base's own
     aop = choose_triggers(pipe, effects, cfg.seed, aop=cfg.aop)  # may still refuse the input: before anything is written
     bank = TeacherBank(effects, pipe, cfg.cache)
     return bank, EditData(pipe, effects, general, bank, cfg, teacher_scheduler), aop
@@ -828,9 +795,8 @@ def backward_simulation(transformer, c: EditInputs, sigmas: torch.Tensor, k: int
 # ---- Losses: Coarse-to-Fine Distillation Objective (C2F-DO; L_total in paper §4) ----
 
 def dmd_loss(x0_hat, real_x0, fake_x0):
-    """Distribution matching (DMD eq. 7) with the DMD2 normaliser: the student moves along
-    grad = (fake - real) / mean|x0_hat - real|. Written as 0.5 MSE to a stop-gradient target, so
-    d loss / d x0_hat = grad / N exactly."""
+    """Distribution matching (DMD eq. 7) with the DMD2 normaliser: the student moves along grad = (fake - real) /
+    mean|x0_hat - real|. Written as 0.5 MSE to a stop-gradient target, so d loss / d x0_hat = grad / N exactly."""
     with torch.no_grad():
         normaliser = (x0_hat - real_x0).abs().mean(dim=tuple(range(1, x0_hat.ndim)), keepdim=True)  # (B, 1, 1)
         grad = torch.nan_to_num((fake_x0 - real_x0) / normaliser)
@@ -867,17 +833,17 @@ def student_loss(transformer, b: Batch, sigmas, cfg: Config, gen) -> dict:
     use_adapter(transformer, "student")
     x_k = backward_simulation(transformer, b.student, sigmas, k, gen)
     x0_hat = student_x0(transformer, x_k, sigmas[k], b.student)
-    t_dmd = draw_t(gen, 0.0, 1000.0)
-    losses = {"dmd": dmd_term(transformer, x0_hat, b, sigma_of(t_dmd, cfg.shift), cfg, gen)}
+    t_dmd, sigma = draw_sigma(gen, 0.0, cfg.shift)
+    losses = {"dmd": dmd_term(transformer, x0_hat, b, sigma, cfg, gen)}
     if b.target is not None:
         y = b.target  # the teacher's own output for this source (paper: base_pred)
         # target simulation (fine): the student denoises y noised to one of its last k sigmas
         j = int(torch.randint(steps - cfg.ts_last_k, steps, (), generator=gen, device=gen.device))
         x_j = add_noise(y, torch.randn(y.shape, generator=gen, device=gen.device), sigmas[j])
         x0_ts = student_x0(transformer, x_j, sigmas[j], b.student)
-        losses["ts"] = dmd_term(transformer, x0_ts, b, sigma_of(draw_t(gen, cfg.ts_t_min, 1000.0), cfg.shift), cfg, gen)
+        losses["ts"] = dmd_term(transformer, x0_ts, b, draw_sigma(gen, cfg.ts_t_min, cfg.shift)[1], cfg, gen)
         # trajectory-anchored flow matching (coarse): flow matching on y at t in [t_dmd, 1000)
-        sigma = sigma_of(draw_t(gen, float(t_dmd), 1000.0), cfg.shift)
+        _, sigma = draw_sigma(gen, float(t_dmd), cfg.shift)
         eps = torch.randn(y.shape, generator=gen, device=gen.device)
         use_adapter(transformer, "student")
         losses["fm"] = flow_matching_loss(predict_v(transformer, add_noise(y, eps, sigma), sigma, b.student), y, eps)
@@ -890,7 +856,7 @@ def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
     student sample (no grad through the sample), on the student prompt."""
     use_adapter(transformer, "student")
     x0 = backward_simulation(transformer, b.student, sigmas, len(sigmas), gen)  # (1, L, 4C)
-    sigma = sigma_of(draw_t(gen, 0.0, 1000.0), cfg.shift)
+    _, sigma = draw_sigma(gen, 0.0, cfg.shift)
     eps = torch.randn(x0.shape, generator=gen, device=gen.device)
     use_adapter(transformer, "critic")
     return flow_matching_loss(predict_v(transformer, add_noise(x0, eps, sigma), sigma, b.student), x0, eps)
@@ -957,10 +923,9 @@ def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_criti
     """Everything needed to continue bit-exactly: both LoRAs, both optimisers and the RNG (the router
     needs nothing: its draws are a function of the step), written atomically; keeps the last `keep`."""
     from peft.utils import get_peft_model_state_dict
-    state = {"step": step, "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(),
-             "gen": gen.get_state(), **{name: {k: v.detach().cpu().clone() for k, v in
-                                               get_peft_model_state_dict(transformer, adapter_name=name).items()}
-                                        for name in ("student", "critic")}}
+    state = {"step": step, "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(), "gen": gen.get_state()}
+    for name in ("student", "critic"):
+        state[name] = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
     path = folder / f"step_{step:08d}.pt"
     atomic_save(state, path)
     for old in sorted(folder.glob("step_*.pt"))[:-keep]:
@@ -973,10 +938,9 @@ def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> in
     from peft.utils import set_peft_model_state_dict
     state = torch.load(path, weights_only=True, map_location="cpu")  # weights only: nothing is executed
     print(f"resumed from {path} at step {state['step']}")
-    for name in ("student", "critic"):
+    for name, opt in (("student", opt_student), ("critic", opt_critic)):
         set_peft_model_state_dict(transformer, state[name], adapter_name=name)
-    opt_student.load_state_dict(state["opt_student"])
-    opt_critic.load_state_dict(state["opt_critic"])
+        opt.load_state_dict(state[f"opt_{name}"])
     gen.set_state(state["gen"])
     return state["step"]
 
@@ -988,8 +952,7 @@ def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict
     out = Path(cfg.out) / "lora"
     tmp = out.with_name("lora.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    lora = get_peft_model_state_dict(pipe.transformer, adapter_name="student")
-    type(pipe).save_lora_weights(tmp, transformer_lora_layers=lora,
+    type(pipe).save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="student"),
                                  transformer_lora_adapter_metadata=pipe.transformer.peft_config["student"].to_dict())
     student_scheduler(cfg).save_pretrained(tmp / "scheduler")
     meta = {"base": cfg.base, "paper": "arXiv 2605.25378",
@@ -1011,11 +974,10 @@ def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict
 def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | None, seeds=(0, 1)) -> list:
     """Per effect: mean squared distance between the student's 8-step output (latents) and the teacher's full-step
     output, on the effect's first source image. A private RNG keeps training reproducible whether or not this runs."""
+    use_adapter(transformer, adapter)
     out = []
-    for i in range(len(data.effects)):
-        path = data.pools[i][0]
-        c, y = data.effect_inputs[i, path][0].to(sigmas.device), data.targets[i, path].to(sigmas.device)
-        use_adapter(transformer, adapter)
+    for i, pool in enumerate(data.pools):
+        c, y = data.effect_inputs[i, pool[0]][0].to(sigmas.device), data.targets[i, pool[0]].to(sigmas.device)
         d = [F.mse_loss(backward_simulation(transformer, c, sigmas, len(sigmas),
                                             torch.Generator(sigmas.device).manual_seed(s)), y).item() for s in seeds]
         out.append(sum(d) / len(d))
@@ -1023,9 +985,8 @@ def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | No
 
 
 def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 2) -> Path:
-    """<out>/preview.png, one row per effect (the first `rows`) on its first source image, `gap` white pixels apart:
-    the source as the pipeline resizes it | the teacher's cached target | the student (stock pipeline, seed cfg.seed);
-    pictures of 48 px or less are enlarged (nearest) to stay visible."""
+    """<out>/preview.png, a row per effect (the first `rows`) on its first source image, `gap` px apart: the source as
+    resized | the teacher's cached target | the student (stock pipeline, seed cfg.seed); small pictures enlarged."""
     from PIL import Image
     use_adapter(pipe.transformer, "student")
     cells = []  # per row: source | teacher | student, at the pipeline's output size
@@ -1056,14 +1017,13 @@ def train(cfg: Config) -> Path:
     check_config(cfg)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32  # bf16 weights on GPU, fp32 on CPU
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     effects, general = read_inputs(cfg)
     ckpt_dir = Path(cfg.out) / "checkpoints"
 
     # --- models: ONE base transformer carries the teacher slot, the student and the critic ---
-    pipe = load_pipeline(cfg.base, device, dtype, cfg.seed)
+    pipe = load_pipeline(cfg.base, device, torch.bfloat16 if cuda else torch.float32, cfg.seed)  # fp32 on CPU
     transformer = pipe.transformer.requires_grad_(False)
     with image_sizes(cfg):
         bank, data, aop = prepare(pipe, cfg, effects, general)  # the last step that may refuse the input
@@ -1154,15 +1114,16 @@ def load_student(pipe, lora_dir) -> None:
 
 
 @torch.no_grad()
-def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type: str = "pil"):
-    """Few-step editing with the stock pipeline, without CFG (the student was distilled to need none). The
-    stochastic scheduler re-noises with torch's global RNG, so it is seeded inside a forked RNG."""
+def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type: str = "pil", guidance: float = 1.0):
+    """Editing with the stock pipeline: the student in few steps without CFG (distilled to need none), a teacher with CFG
+    g (empty negative prompt). A stochastic scheduler re-noises with torch's global RNG: it is seeded in a forked RNG."""
     _, (vw, vh) = _qwen_sizes(image)
     device = pipe.transformer.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return pipe(image=image, prompt=prompt, true_cfg_scale=1.0, height=vh, width=vw, num_inference_steps=steps,
-                    generator=torch.Generator(device).manual_seed(seed), output_type=output_type).images
+        return pipe(image=image, prompt=prompt, negative_prompt="" if guidance > 1 else None, true_cfg_scale=guidance,
+                    height=vh, width=vw, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(seed),
+                    output_type=output_type).images
 
 
 # ---- CLI ----
