@@ -47,8 +47,9 @@ Stages and cache (runs/effectbench/seed<S>/; each stage is skipped when its outp
   <tag>/report/          table.md, results.json (every number), grid.png
 --quick (and seed 0) starts from the embedded collection in examples/toy/ (base + teachers; written by
 --export_toy), so it only distils and measures. Costs on one CPU thread: VAE 4,000 steps ~11 min; base
-2,500 steps ~3 min; a teacher 600 steps ~1-1.5 min; distillation at batch 8 ~0.2 s per iteration; evaluation
-~5 s per effect.
+2,500 steps ~3 min; a teacher 600 steps ~1 min; distillation at batch 8 ~0.2-0.4 s per iteration; evaluation
+~15 s per effect. --jobs J (default 2) runs the teachers, and then the distillations, FM and Lightning,
+in J processes of one thread each: the numbers do not depend on J.
 
 Rows (all 8 steps unless named): the teachers (40 steps at CFG 1/2/3/5, and 8 plain steps), each
 teacher stacked with the Lightning LoRA (our own distiller run on the general stream only), the
