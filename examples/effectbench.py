@@ -1449,6 +1449,9 @@ def main(argv=None) -> int:
     if not args.quick and not 1 <= args.effects <= len(reg):
         print(f"error: --effects {args.effects} is not in 1..{len(reg)} (the registry's size) -- pass at most {len(reg)}", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"error: --jobs {args.jobs} is below 1 -- pass the number of processes to use (1 = one at a time)", file=sys.stderr)
+        return 2
     names = QUICK_EFFECTS if args.quick else list(reg)[: args.effects]
     try:
         run({n: reg[n] for n in names}, args)
