@@ -1356,22 +1356,21 @@ def run(spec: dict, args) -> dict:
                        knobs | change) for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]}
     embedded_lightning = embedded and (TOY / "lightning").is_dir()
     prompts = planned_prompts(teachers, base, args.seed)
-    calls = {"lightning": lambda: embedded_lightning or stage_lightning(
-                 teachers, names[0], general, base, root / f"lightning_{args.lightning_steps}", args.seed, args.lightning_steps),
-             "fm_baseline": lambda: stage_fm(world, effects, base, root / tag / "fm_lora", prompts, DISTIL_KNOBS["rank"],
-                                             args.teacher_steps * len(effects), args.seed)}
-    calls |= {name: (lambda out=out, kn=kn: stage_distil(teachers, general, base, out, args.seed, **kn))
-              for name, (out, kn) in students.items()}
-    in_parallel(args.jobs, [calls[k] for k in sorted(calls, key=lambda k: k != "collectionlora")])  # the longest first
-    for name, (out, kn) in students.items():
+    lightning = lambda: stage_lightning(teachers, names[0], general, base, root / f"lightning_{args.lightning_steps}",
+                                        args.seed, args.lightning_steps)
+    fm = lambda: stage_fm(world, effects, base, root / tag / "fm_lora", prompts, DISTIL_KNOBS["rank"],
+                          args.teacher_steps * len(effects), args.seed)
+    calls = [lambda out=out, kn=kn: stage_distil(teachers, general, base, out, args.seed, **kn) for out, kn in students.values()]
+    in_parallel(args.jobs, calls + [fm] + ([] if embedded_lightning else [lightning]))  # collectionlora, the longest, first
+    for out, kn in students.values():
         stage_distil(teachers, general, base, out, args.seed, **kn)  # cached by now
     loras = {name: out / "lora" for name, (out, kn) in students.items()}
     student = loras["collectionlora"]
     if student_prompts(student) != prompts:
         raise RuntimeError("the FM baseline's prompts differ from the student's -- planned_prompts no longer mirrors "
                            "collectionlora.train's trigger choice; fix it")
-    loras["lightning"] = TOY / "lightning" if embedded_lightning else calls["lightning"]()
-    loras["fm_baseline"] = calls["fm_baseline"]()
+    loras["lightning"] = TOY / "lightning" if embedded_lightning else lightning()
+    loras["fm_baseline"] = fm()
     merges = stage_merges(effects, teachers, base, root / tag / "merges")
     loras |= {f"merge_{m}": folder for m, folder in merges.items()}
 
