@@ -5,7 +5,7 @@ CollectionLoRA: Collecting 50 Effects in 1 LoRA via Multi-Teacher On-Policy Dist
 N effect LoRAs (each a 40-step, CFG "teacher" for one image-editing effect) are distilled into ONE
 student LoRA that samples in 8 steps without CFG:
 
-    every step      critic  <- flow matching on the student's own 8-step samples      (DMD2 fake score)
+    every step      critic  <- flow matching on the student's own x0 from a random step of its sampler (fake score)
     every 5th step  student <- DMD:   x0_hat - stopgrad(x0_hat - (fake - real)/|x0_hat - real|)
                                + TS:    the same DMD term on the student's denoising of a noised teacher output
                                + TA-FM: flow matching on the teacher's own output (coarse anchor)
@@ -119,6 +119,8 @@ class Config:
     ts_t_min: float = knob(500.0, "target simulation: DMD timestep drawn from [ts_t_min, 1000) (paper tau_min)")
     w_ts: float = knob(1.0, "weight of the target-simulation DMD term (paper: unweighted)")
     w_fm: float = knob(1.0, "weight of trajectory-anchored flow matching (paper: unweighted)")
+    warmup: int = knob(0, "first iterations: flow matching on the teacher outputs at t ~ U[0, 1000) alone (cheap: no "
+                            "sampling, teacher or critic); then the critic starts as the student. 0 = the paper")
     aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop (ablation): the teacher's instruction")
     # engineering
     log_every: int = knob(50, "one log line every N steps")
@@ -792,6 +794,20 @@ def backward_simulation(transformer, c: EditInputs, sigmas: torch.Tensor, k: int
     return x
 
 
+def student_x0(transformer, x_t, sigma, c: EditInputs):
+    """The student's one-step denoising x0_hat = x_t - sigma v_student(x_t) (with grad, unless under no_grad)."""
+    use_adapter(transformer, "student")
+    return x0_from_v(x_t, predict_v(transformer, x_t, sigma, c), sigma)
+
+
+def on_policy_x0(transformer, c: EditInputs, sigmas: torch.Tensor, gen: torch.Generator):
+    """The samples that the DMD term is applied to AND that the critic learns (official `_run_generator`, called by both
+    `generator_loss` and `critic_loss`): backward-simulate to a uniformly drawn step k, then one student x0 prediction."""
+    k = int(torch.randint(len(sigmas), (), generator=gen, device=gen.device))
+    use_adapter(transformer, "student")
+    return student_x0(transformer, backward_simulation(transformer, c, sigmas, k, gen), sigmas[k], c)  # (B, L, 4C)
+
+
 # ---- Losses: Coarse-to-Fine Distillation Objective (C2F-DO; L_total in paper §4) ----
 
 def dmd_loss(x0_hat, real_x0, fake_x0):
@@ -819,20 +835,10 @@ def dmd_term(transformer, x0_hat, b: Batch, sigma, cfg: Config, gen):
     return dmd_loss(x0_hat, x0_from_v(x_t, v_real, sigma), fake_x0)
 
 
-def student_x0(transformer, x_t, sigma, c: EditInputs):
-    """The student's one-step denoising x0_hat = x_t - sigma v_student(x_t), with grad."""
-    use_adapter(transformer, "student")
-    return x0_from_v(x_t, predict_v(transformer, x_t, sigma, c), sigma)
-
-
 def student_loss(transformer, b: Batch, sigmas, cfg: Config, gen) -> dict:
     """L = L_DMD(backward simulation) [+ w_ts L_DMD(target simulation) + w_fm L_TA-FM on the effect stream]."""
     steps = len(sigmas)
-    # DMD on backward simulation: the student's own trajectory, stopped at a uniformly drawn step k
-    k = int(torch.randint(steps, (), generator=gen, device=gen.device))
-    use_adapter(transformer, "student")
-    x_k = backward_simulation(transformer, b.student, sigmas, k, gen)
-    x0_hat = student_x0(transformer, x_k, sigmas[k], b.student)
+    x0_hat = on_policy_x0(transformer, b.student, sigmas, gen)  # DMD on backward simulation
     t_dmd, sigma = draw_sigma(gen, 0.0, cfg.shift)
     losses = {"dmd": dmd_term(transformer, x0_hat, b, sigma, cfg, gen)}
     if b.target is not None:
@@ -843,23 +849,26 @@ def student_loss(transformer, b: Batch, sigmas, cfg: Config, gen) -> dict:
         x0_ts = student_x0(transformer, x_j, sigmas[j], b.student)
         losses["ts"] = dmd_term(transformer, x0_ts, b, draw_sigma(gen, cfg.ts_t_min, cfg.shift)[1], cfg, gen)
         # trajectory-anchored flow matching (coarse): flow matching on y at t in [t_dmd, 1000)
-        _, sigma = draw_sigma(gen, float(t_dmd), cfg.shift)
-        eps = torch.randn(y.shape, generator=gen, device=gen.device)
-        use_adapter(transformer, "student")
-        losses["fm"] = flow_matching_loss(predict_v(transformer, add_noise(y, eps, sigma), sigma, b.student), y, eps)
+        losses["fm"] = flow_matching_term(transformer, "student", y, b.student, t_dmd, cfg, gen)
     use_adapter(transformer, "student")  # important! backward (and checkpoint recompute) must see the student
     return losses
 
 
-def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
-    """The fake score learns the student's current distribution: flow matching on a fresh 8-step
-    student sample (no grad through the sample), on the student prompt."""
-    use_adapter(transformer, "student")
-    x0 = backward_simulation(transformer, b.student, sigmas, len(sigmas), gen)  # (1, L, 4C)
-    _, sigma = draw_sigma(gen, 0.0, cfg.shift)
+def flow_matching_term(transformer, adapter: str, x0, c: EditInputs, t_min, cfg: Config, gen):
+    """Flow matching of `adapter` on fixed samples x0 at t ~ U[t_min, 1000), shifted: TA-FM (the student on the
+    teacher's outputs) and the critic (on the student's samples)."""
+    _, sigma = draw_sigma(gen, float(t_min), cfg.shift)
     eps = torch.randn(x0.shape, generator=gen, device=gen.device)
-    use_adapter(transformer, "critic")
-    return flow_matching_loss(predict_v(transformer, add_noise(x0, eps, sigma), sigma, b.student), x0, eps)
+    use_adapter(transformer, adapter)
+    return flow_matching_loss(predict_v(transformer, add_noise(x0, eps, sigma), sigma, c), x0, eps)
+
+
+def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
+    """The fake score learns the distribution the DMD term is applied to: flow matching, on the student prompt, on
+    fresh on_policy_x0 samples (the student's x0 from a uniformly drawn step of its own trajectory; no grad)."""
+    with torch.no_grad():
+        x0 = on_policy_x0(transformer, b.student, sigmas, gen)  # (B, L, 4C)
+    return flow_matching_term(transformer, "critic", x0, b.student, 0.0, cfg, gen)
 
 
 # ---- One training step ----
@@ -879,21 +888,32 @@ def apply_update(loss, optimiser, clip: float) -> bool:
 
 
 def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic, cfg: Config, gen, autocast) -> dict:
-    """Student every gen_every steps (DMD2 two time-scale rule), then the critic, on the same batch.
-    Returns the losses; "skipped" lists the updates dropped because a loss was not finite."""
-    logs, skipped = {}, []
-    if step % cfg.gen_every == 0:
+    """Student every gen_every steps (DMD2 two time-scale rule), then the critic, on the same batch. During a warm
+    start (step < cfg.warmup) the student learns from TA-FM alone, every effect step, and the critic waits; then the
+    critic starts as a copy of the student. Returns the losses; "skipped" lists updates dropped for a non-finite loss."""
+    logs, skipped, warm = {}, [], step < cfg.warmup
+    if step == cfg.warmup > 0:  # the fake score starts as the model of the student's distribution that it has
+        params = dict(transformer.named_parameters())
+        with torch.no_grad():
+            for n in (n for n in params if ".critic." in n):
+                params[n].copy_(params[n.replace(".critic.", ".student.")])
+    if warm and b.target is None:  # no teacher output on the general stream: nothing to learn from
+        return {"skipped": skipped}
+    if warm or step % cfg.gen_every == 0:
         with autocast:
-            losses = student_loss(transformer, b, sigmas, cfg, gen)
+            losses = ({"fm": flow_matching_term(transformer, "student", b.target, b.student, 0.0, cfg, gen)} if warm
+                      else student_loss(transformer, b, sigmas, cfg, gen))
         weights = {"dmd": 1.0, "ts": cfg.w_ts, "fm": cfg.w_fm}
         if not apply_update(sum(weights[k] * v for k, v in losses.items()), opt_student, cfg.grad_clip):
             skipped.append(f"student ({', '.join(k for k, v in losses.items() if not v.isfinite()) or 'gradient'})")
         logs.update({k: v.item() for k, v in losses.items()})
-    with autocast:
-        loss = critic_loss(transformer, b, sigmas, cfg, gen)
-    if not apply_update(loss, opt_critic, cfg.grad_clip):
-        skipped.append("critic")
-    return logs | {"critic": loss.item(), "skipped": skipped}
+    if not warm:
+        with autocast:
+            loss = critic_loss(transformer, b, sigmas, cfg, gen)
+        if not apply_update(loss, opt_critic, cfg.grad_clip):
+            skipped.append("critic")
+        logs["critic"] = loss.item()
+    return logs | {"skipped": skipped}
 
 
 # ---- Train loop, checkpoints, export, preview ----
@@ -985,9 +1005,10 @@ def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | No
 
 
 def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 2) -> Path:
-    """<out>/preview.png, a row per effect (the first `rows`) on its first source image, `gap` px apart: the source as
-    resized | the teacher's cached target | the student (stock pipeline, seed cfg.seed); small pictures enlarged."""
-    from PIL import Image
+    """<out>/preview.png, a row per effect (the first `rows`, named on the left) on its first source image, `gap` px
+    apart, columns titled: the source as resized | the teacher's cached target | the student (stock pipeline, seed
+    cfg.seed); small pictures enlarged."""
+    from PIL import Image, ImageDraw
     use_adapter(pipe.transformer, "student")
     cells = []  # per row: source | teacher | student, at the pipeline's output size
     for i, e in enumerate(data.effects[:rows]):
@@ -999,12 +1020,16 @@ def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 
                       decode(pipe, student, w, h)])
     scale = max(1, 96 // max(r[0].height for r in cells))
     cells = [[c.resize((c.width * scale, c.height * scale), Image.NEAREST) for c in row] for row in cells]
-    grid = Image.new("RGB", (max(3 * r[0].width + 2 * gap for r in cells), sum(r[0].height + gap for r in cells) - gap),
-                     "white")
-    y = 0
-    for row in cells:
+    left, top = 6 * max(len(e.name) for e in data.effects[:rows]) + 6, 14  # room for the names and titles
+    grid = Image.new("RGB", (left + max(3 * r[0].width + 2 * gap for r in cells), top + sum(r[0].height + gap for r in cells)
+                             - gap), "white")
+    draw, y = ImageDraw.Draw(grid), top
+    for j, title in enumerate(("source", "teacher", "student")):
+        draw.text((left + j * (cells[0][0].width + gap), 1), title, fill="black")
+    for e, row in zip(data.effects, cells):
+        draw.text((2, y + row[0].height // 2 - 5), e.name, fill="black")
         for j, cell in enumerate(row):
-            grid.paste(cell, (j * (cell.width + gap), y))
+            grid.paste(cell, (left + j * (cell.width + gap), y))
         y += row[0].height + gap
     out = Path(cfg.out) / "preview.png"
     atomic_save(grid, out, lambda image, tmp: image.save(tmp, format="PNG"))
@@ -1067,7 +1092,7 @@ def train(cfg: Config) -> Path:
             if skipped:
                 bar.write(f"warning: step {step + 1} ({what}): non-finite loss in {' and '.join(skipped)} -- update skipped")
             student_logs = {k: v for k, v in logs.items() if k != "critic"} or student_logs  # last student update
-            logs = {**student_logs, "critic": logs["critic"]}
+            logs = student_logs | {k: v for k, v in logs.items() if k == "critic"}
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
             if (step + 1) % cfg.log_every == 0:
                 bar.write(f"step {step + 1}/{cfg.max_steps} | {what} | " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())

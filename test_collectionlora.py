@@ -2,6 +2,7 @@
 
     pytest -q test_collectionlora.py
 """
+import contextlib
 import json
 import os
 import shutil
@@ -182,6 +183,84 @@ def test_gradients_reach_only_the_adapter_being_trained(teachers, tmp_path):
         assert all(p.grad is None for n, p in pipe.transformer.named_parameters() if "lora" not in n)
 
 
+def test_the_critic_learns_the_samples_the_dmd_term_is_applied_to(teachers, tmp_path, monkeypatch):
+    """DMD2 and the official critic_loss: the fake score is trained on the student's x0 predicted from a uniformly drawn
+    step of its own trajectory, the samples the DMD term is applied to (not only on final 8-step samples).
+    Oracle 1: the sigma of the student's last call before each critic call covers all 8 student sigmas.
+    Oracle 2: from one RNG state, the critic's training sample is exactly the DMD term's x0_hat."""
+    cfg = tiny_config(teachers, tmp_path)
+    pipe = cl.build_tiny_pipeline(0)
+    bank, data, _ = cl.prepare(pipe, cfg, cl.read_teachers(cfg.teachers), [])
+    cl.add_trainable_adapters(pipe.transformer, cfg)
+    b = data.batch(cl.Route("effect", 0, (0,)), "cpu")
+    bank.swap(0)
+    sigmas = cl.student_sigmas(8, 3.0)
+    calls, active, use_adapter, predict_v = [], [None], cl.use_adapter, cl.predict_v
+
+    def recording_use_adapter(transformer, name):
+        active[0] = name
+        use_adapter(transformer, name)
+
+    def recording_predict_v(transformer, x_t, sigma, c):
+        calls.append((active[0], float(sigma)))
+        return predict_v(transformer, x_t, sigma, c)
+    monkeypatch.setattr(cl, "use_adapter", recording_use_adapter)
+    monkeypatch.setattr(cl, "predict_v", recording_predict_v)
+    gen, last_student_sigma = torch.Generator().manual_seed(0), set()
+    for _ in range(80):
+        calls.clear()
+        cl.critic_loss(pipe.transformer, b, sigmas, cfg, gen)
+        first_critic = [who for who, _ in calls].index("critic")
+        last_student_sigma.add(round([s for who, s in calls[:first_critic] if who == "student"][-1], 5))
+    assert last_student_sigma == {round(s, 5) for s in sigmas.tolist()}
+
+    seen, flow_matching_loss, dmd_loss = {}, cl.flow_matching_loss, cl.dmd_loss
+
+    def first_flow_matching_sample(v, x0, eps):  # the critic's (student_loss's TA-FM comes later)
+        seen.setdefault("critic", x0.clone())
+        return flow_matching_loss(v, x0, eps)
+
+    def first_dmd_sample(x0_hat, real_x0, fake_x0):  # backward simulation's (target simulation comes later)
+        seen.setdefault("dmd", x0_hat.detach().clone())
+        return dmd_loss(x0_hat, real_x0, fake_x0)
+    monkeypatch.setattr(cl, "flow_matching_loss", first_flow_matching_sample)
+    monkeypatch.setattr(cl, "dmd_loss", first_dmd_sample)
+    cl.critic_loss(pipe.transformer, b, sigmas, cfg, torch.Generator().manual_seed(5))
+    cl.student_loss(pipe.transformer, b, sigmas, cfg, torch.Generator().manual_seed(5))
+    assert torch.equal(seen["critic"], seen["dmd"])
+
+
+def test_a_warm_start_is_ta_fm_alone_then_the_critic_starts_as_the_student(teachers, tmp_path, monkeypatch):
+    cfg = tiny_config(teachers, tmp_path, warmup=3, gen_every=2)
+    pipe = cl.build_tiny_pipeline(0)
+    bank, data, _ = cl.prepare(pipe, cfg, cl.read_teachers(cfg.teachers), cl.read_inputs(cfg)[1])
+    tr = pipe.transformer
+    cl.add_trainable_adapters(tr, cfg)
+    opts = [torch.optim.AdamW(cl.adapter_params(tr, name), 1e-2) for name in ("student", "critic")]
+    effect, general = data.batch(cl.Route("effect", 0, (0,)), "cpu"), data.batch(cl.Route("general", -1, (0,)), "cpu")
+    bank.swap(0)
+    sigmas, gen = cl.student_sigmas(8, 3.0), torch.Generator().manual_seed(0)
+    params = lambda name: [p.detach().clone() for p in cl.adapter_params(tr, name)]
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    calls, dmd_term, critic_loss = [], cl.dmd_term, cl.critic_loss
+    gap = lambda: max((c - s).abs().max().item() for c, s in zip(params("critic"), params("student")))
+    monkeypatch.setattr(cl, "dmd_term", lambda *a: calls.append("dmd") or dmd_term(*a))
+    monkeypatch.setattr(cl, "critic_loss", lambda *a: calls.append(("critic", gap())) or critic_loss(*a))
+    critic0, student = params("critic"), params("student")
+    for step in range(3):  # every warm-up step trains the student (gen_every 2 notwithstanding), by TA-FM alone
+        assert set(cl.train_step(step, tr, effect, sigmas, *opts, cfg, gen, contextlib.nullcontext())) == {"fm", "skipped"}
+        assert not same(params("student"), student)
+        student = params("student")
+    assert cl.train_step(2, tr, general, sigmas, *opts, cfg, gen, contextlib.nullcontext()) == {"skipped": []}
+    assert same(params("student"), student)  # the general stream has no teacher output to learn from
+    assert calls == [] and same(params("critic"), critic0) and gap() > 0
+    # step 3 ends the warm start: the critic is copied from the student, then trained (3 is not a student step)
+    assert set(cl.train_step(3, tr, effect, sigmas, *opts, cfg, gen, contextlib.nullcontext())) == {"critic", "skipped"}
+    assert calls == [("critic", 0.0)]
+    cl.train_step(4, tr, effect, sigmas, *opts, cfg, gen, contextlib.nullcontext())  # the full objective from now on
+    assert calls[1:3] == ["dmd", "dmd"] and calls[3][0] == "critic"
+
+
 # ---- base pipelines: a local folder, image sizes ----
 
 def test_a_saved_pipeline_folder_loads_as_base_exactly(tmp_path):
@@ -354,12 +433,14 @@ def test_exported_lora_reproduces_the_student_in_a_stock_pipeline(teachers, trai
 def test_preview_shows_source_teacher_target_and_the_exported_student(teachers, trained):
     out, lora = trained
     grid = Image.open(out / "preview.png")
-    assert grid.size == (3 * 64 + 2 * 2, 3 * 64 + 2 * 2) and not (out / "preview.tmp").exists()  # 3 effects, 2 px gaps
+    left, top = 6 * len("sketch") + 6, 14  # the longest effect name on the left, column titles on top
+    assert grid.size == (left + 3 * 64 + 2 * 2, top + 3 * 64 + 2 * 2) and not (out / "preview.tmp").exists()  # 2 px gaps
     pixels = np.asarray(grid.convert("RGB"))
-    assert (pixels[64:66] == 255).all() and (pixels[:, 130:132] == 255).all()  # white gaps between the cells
+    assert (pixels[top + 64: top + 66, left:] == 255).all() and (pixels[top:, left + 130: left + 132] == 255).all()
+    assert (pixels[top:, :left] < 128).any() and (pixels[:top, left:] < 128).any()  # names and titles are written
 
     def cell(row, col):
-        return pixels[66 * row: 66 * row + 64, 66 * col: 66 * col + 64]
+        return pixels[top + 66 * row: top + 66 * row + 64, left + 66 * col: left + 66 * col + 64]
     stock = cl.build_tiny_pipeline(0)  # the exported student, reloaded: exactly the student column
     stock.set_progress_bar_config(disable=True)
     cl.load_student(stock, lora)
@@ -667,3 +748,33 @@ def test_effectbench_planned_prompts_are_the_prompts_train_chose(teachers, train
     planned = eb.planned_prompts(teachers / "teachers", "tiny", 0)
     assert planned == eb.student_prompts(trained[1])
     assert len(set(planned.values())) == len(EFFECTS)  # one distinct prompt per effect
+
+
+def test_effectbench_an_instruction_outside_the_toy_vocabulary_encodes_padded_from_the_data():
+    """Everyday words the toy tokenizer never saw become many byte tokens. The padding is sized from the data (a fixed
+    48 once failed after five minutes of teacher training), and a row padded for a longer neighbour predicts exactly
+    what it predicts alone (the transformer masks the padding)."""
+    pipe = eb.load_base(ROOT / "examples" / "toy" / "base")
+    images = eb.make_sources(1, 2, seed=0)[1]
+    long = "<0417_quokka_Kq3951> Sprinkle whimsical marshmallow confetti across every cloudy afternoon sky"
+    both, alone = eb.encode_prompts(pipe, images, [long, ""]), eb.encode_prompts(pipe, images[1:], [""])
+    assert both.embeds.shape[1] == int(both.mask[0].sum()) > 48 > int(both.mask[1].sum()) == alone.embeds.shape[1]
+    x, src = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0)), eb.pack(pipe, images[1:])
+    with torch.no_grad():
+        padded, unpadded = (eb.predict_v(pipe.transformer, x, torch.tensor([0.6]), src, p) for p in (both[1:], alone))
+    torch.testing.assert_close(padded, unpadded, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("effects, message", [
+    ({"a/b": ("Do it", lambda x: x.flip(0))}, "not a plain folder name"),
+    ({"a": ("", lambda x: x.flip(0))}, "non-empty instruction"),
+    ({"a": ("Do it", lambda x, v: x.flip(0), 0)}, "K must be an integer"),
+    ({"a": ("Do it", lambda x: x[:, :8])}, r"picture in \[0, 1\], got \(3, 8, 32\)"),
+    ({"a": ("Do it", lambda x: 2 * x)}, r"in \[0, 1\]"),
+    ({"a": ("Do it", lambda x: x.no_such_method())}, "fn failed"),
+    ({"a": ("Do it", lambda x: 1 - x), "b": ("Do that", lambda x: 1 - x)}, "the same picture"),
+    ({"a": ("Do it",)}, r"must be \(instruction, fn\)")])
+def test_effectbench_a_bad_effect_set_is_refused_before_any_stage_runs(effects, message, tmp_path):
+    with pytest.raises(cl.InputError, match=message):
+        eb.benchmark(effects, 0, root=str(tmp_path / "bench"))
+    assert not (tmp_path / "bench").exists()
