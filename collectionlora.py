@@ -35,6 +35,10 @@ Deviations from the official code (causvid/), each on purpose:
  6. No DMD2 GAN term (the paper drops it: mode collapse with many teachers), no EMA (as official).
  7. Step limit, atomic checkpoints and exact resume; the official loop has neither.
  8. Triggers minimise the largest pairwise cosine of the student prompts' embeddings (paper: random, never measured).
+ 9. TA-FM draws t ~ U[t_dmd, 1000) with the unshifted DMD timestep t_dmd, then shifts (official: the shifted t_dmd as the
+    bound, shifted again). Both keep TA-FM a coarse, high-noise anchor: sigma <= 0.5 in 3.4 % of draws here, 1.3 % there.
+10. --warmup N (default 0 = the paper): N cheap iterations of flow matching on the teacher outputs alone, then the critic
+    starts as a copy of the student. The toy bench needs it to reach its teachers (README, "Toy EffectBench").
 """
 import argparse
 import collections
@@ -57,6 +61,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 from transformers import Qwen2VLProcessor
 
 
@@ -139,8 +147,7 @@ class Config:
 
 class OneLineErrors(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + error; we print one line (exit 2, as argparse)
-        print(f"error: {message} -- see --help", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"error: {message} -- see --help\n")
 
 
 def parse_config(argv=None) -> Config:
@@ -169,9 +176,8 @@ def check_config(c: Config) -> None:
              # the pipeline rounds each side to a multiple of 32 (calculate_dimensions): 40 would silently become 32
              "image_size": c.image_size >= 0 and c.image_size % 32 == 0,
              "condition_size": c.condition_size >= 0 and c.condition_size % 32 == 0}
-    for flag, ok in rules.items():
-        if not ok:
-            raise InputError(f"--{flag} {getattr(c, flag)} is invalid -- see `--help` for its meaning and default")
+    for flag in (flag for flag, ok in rules.items() if not ok):
+        raise InputError(f"--{flag} {getattr(c, flag)} is invalid -- see `--help` for its meaning and default")
     if not c.teachers:
         raise InputError("--teachers is required -- pass a folder with one sub-folder per effect (see --help)")
     if c.resume and c.overwrite:
@@ -257,12 +263,11 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
     if base == "tiny":
         return build_tiny_pipeline(seed).to(device)
     from diffusers import QwenImageEditPlusPipeline
-    from huggingface_hub import constants
+    from huggingface_hub.constants import HF_HUB_OFFLINE as offline
     from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
     if Path(base).exists() and not (Path(base) / "model_index.json").is_file():
         raise InputError(f"--base '{base}' is not a diffusers pipeline folder (no model_index.json) -- pass the "
                          f"folder `hf download Qwen/Qwen-Image-Edit-2509 --local-dir <folder>` writes, or a hub id")
-    offline = constants.HF_HUB_OFFLINE
     try:
         tokenizer = Qwen2Tokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=offline)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(base, subfolder="processor", local_files_only=offline)
@@ -303,13 +308,11 @@ def _qwen_sizes(image):
 
 @torch.no_grad()
 def encode(pipe, image, prompt: str) -> EditInputs:
-    """Encode (prompt, source image) with the pipeline's own text encoder and VAE, resized as the
-    stock pipeline resizes them, so that training sees what `pipe(...)` will see at inference."""
+    """Encode (prompt, source image) with the pipeline's own text encoder and VAE, resized as `pipe(...)` does at inference."""
     (cw, ch), (vw, vh) = _qwen_sizes(image)
-    device = pipe.transformer.device
+    device, channels = pipe.transformer.device, pipe.transformer.config.in_channels // 4
     embeds, mask = pipe.encode_prompt(prompt=[prompt], image=[pipe.image_processor.resize(image, ch, cw)], device=device)
     vae_image = pipe.image_processor.preprocess(image, vh, vw).unsqueeze(2)  # (1, 3, 1, H, W)
-    channels = pipe.transformer.config.in_channels // 4
     _, image_latents = pipe.prepare_latents([vae_image], 1, channels, vh, vw, pipe.transformer.dtype, device, None)
     f = pipe.vae_scale_factor * 2
     return EditInputs(embeds, mask, image_latents, [[(1, vh // f, vw // f), (1, vh // f, vw // f)]])  # out = source size
@@ -321,9 +324,8 @@ def predict_v(transformer, x_t, sigma, c: EditInputs):
     dtype = c.image_latents.dtype  # the model's dtype (bf16 on CUDA); x_t itself stays fp32
     x_in = torch.cat([x_t.to(dtype), c.image_latents], dim=1)  # (1, 2L, 4C)
     timestep = sigma.reshape(1).to(dtype).expand(x_t.shape[0])  # the model takes t/1000 = sigma
-    v = transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=c.embeds,
-                    encoder_hidden_states_mask=c.mask, img_shapes=c.img_shapes, return_dict=False)[0]
-    return v[:, : x_t.shape[1]].float()  # (1, L, 4C)
+    return transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=c.embeds, encoder_hidden_states_mask=c.mask,
+                       img_shapes=c.img_shapes, return_dict=False)[0][:, : x_t.shape[1]].float()  # (1, L, 4C)
 
 
 @torch.no_grad()
@@ -342,10 +344,8 @@ def build_tiny_pipeline(seed: int = 0):
     from tokenizers import pre_tokenizers
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
     torch.manual_seed(seed)
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|image_pad|>", "<|video_pad|>"]
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # one token per byte
-    vocab.update({tok: len(vocab) + i for i, tok in enumerate(special)})
+    special = "<|endoftext|> <|im_start|> <|im_end|> <|vision_start|> <|vision_end|> <|image_pad|> <|video_pad|>".split()
+    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()) + special)}  # one token per byte
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=special[1:])
     ids = tokenizer.convert_tokens_to_ids
     hidden = 16  # text hidden size == transformer joint_attention_dim
@@ -377,10 +377,9 @@ def use_adapter(transformer, name: str | None):
     """Route the shared base through one adapter; None = the bare base model (general-stream teacher).
     peft's set_adapter also makes only that adapter's parameters require grad."""
     if name is None:
-        transformer.disable_adapters()
-    else:
-        transformer.enable_adapters()
-        transformer.set_adapter(name)
+        return transformer.disable_adapters()
+    transformer.enable_adapters()
+    transformer.set_adapter(name)
 
 
 def adapter_params(transformer, name: str) -> list:
@@ -419,7 +418,6 @@ class Effect:
 def list_images(folder: Path, batch_size: int = 1) -> list:
     """The images in a folder, each checked to open and decode (a bad one is an InputError naming it) and, for
     batch_size > 1, to share one size: a batch is drawn from one folder, and batched latents share one shape."""
-    from PIL import Image
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
     sizes = {}
     for p in images:
@@ -429,8 +427,7 @@ def list_images(folder: Path, batch_size: int = 1) -> list:
                 sizes[p] = im.size
         except Exception as e:  # zero-size, truncated, not an image, no permission ...
             raise InputError(f"image {p} cannot be read ({type(e).__name__}: {e}) -- replace or delete it") from e
-    odd = [p for p in images if sizes[p] != sizes[images[0]]]
-    if batch_size > 1 and odd:
+    if batch_size > 1 and (odd := [p for p in images if sizes[p] != sizes[images[0]]]):
         raise InputError(f"--batch_size {batch_size} needs one image size per folder: {images[0]} is "
                          f"{sizes[images[0]]} but {odd[0]} is {sizes[odd[0]]} -- resize them or pass --batch_size 1")
     return images
@@ -465,8 +462,7 @@ def read_teachers(folder, batch_size: int = 1) -> list:
             raise InputError(f"'{sub / 'images'}' holds no images ({', '.join(IMAGE_EXTS)}) -- add some or remove it")
         e = Effect(sub.name, meta["instruction"], loras[0], images, meta.get("trigger", ""),
                    meta.get("student_prompt", ""), meta["weight"])
-        twin = next((o for o in effects if e.trigger and o.trigger == e.trigger), None)  # empty: chosen later
-        if twin:
+        if twin := next((o for o in effects if e.trigger and o.trigger == e.trigger), None):  # empty: chosen later
             raise InputError(f"effects '{twin.name}' and '{e.name}' share the trigger '{e.trigger}' -- "
                              f"make it unique in one effect.json")
         effects.append(e)
@@ -505,9 +501,8 @@ def read_inputs(cfg: Config):
 def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
     """Read any LoRA format diffusers converts (diffusers, peft, kohya, ComfyUI) with the pipeline's own `lora_state_dict`,
     check it against the base: {module}.A (r, in) / {module}.B (out, r), the LoRA scale alpha/r folded into B."""
-    try:
-        sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), use_safetensors=True,  # never unpickle a LoRA
-                                                    return_lora_metadata=True)
+    try:  # use_safetensors: never unpickle a LoRA
+        sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), use_safetensors=True, return_lora_metadata=True)
     except Exception as e:  # not safetensors, truncated, or a layout diffusers cannot convert
         raise InputError(f"{lora_file} is not a readable safetensors LoRA ({type(e).__name__}: "
                          f"{str(e)[:100]}) -- re-download or re-export it") from e
@@ -526,8 +521,7 @@ def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
         # into the weights by lora_state_dict; files with neither mean alpha = rank (diffusers' rule).
         rank, alpha = A.shape[0], config.get("lora_alpha", A.shape[0])
         for pattern, a in (config.get("alpha_pattern") or {}).items():
-            if module == pattern or module.endswith("." + pattern):
-                alpha = a
+            alpha = a if module == pattern or module.endswith("." + pattern) else alpha
         out[f"{module}.A"], out[f"{module}.B"] = A.float().contiguous(), (B.float() * (alpha / rank)).contiguous()
         if not (out[f"{module}.A"].isfinite().all() and out[f"{module}.B"].isfinite().all()):
             raise InputError(f"{lora_file}: '{module}' holds NaN/inf weights -- the file is broken, re-export it")
@@ -558,11 +552,8 @@ class TeacherBank:
     adapter slot on the shared base transformer (GPU memory: 1x base, not 1x per teacher). The slot has rank R = max
     teacher rank over the union of teacher modules and scale 1. Swapping in a rank-r teacher is exact: A -> first r rows
     of A_slot, scale*B -> first r columns of B_slot, zeros elsewhere, so (B_slot A_slot) x = scale (B A) x."""
-
     def __init__(self, effects: list, pipe, cache: Path):
         from peft import LoraConfig
-        from safetensors import safe_open
-        from safetensors.torch import save_file
         self.effects, self.active = effects, None
         base_tag = hashlib.sha256(repr(sorted(pipe.transformer.config.items())).encode()).hexdigest()[:8]
         self.hashes = [file_hash(e.lora_file) for e in effects]  # content hashes: a changed file is a new teacher
@@ -575,9 +566,8 @@ class TeacherBank:
         shapes = {}  # module -> max rank
         for f in self.files:
             with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    if k.endswith(".A"):
-                        shapes[k[:-2]] = max(shapes.get(k[:-2], 0), sf.get_slice(k).get_shape()[0])
+                for k in (k for k in sf.keys() if k.endswith(".A")):
+                    shapes[k[:-2]] = max(shapes.get(k[:-2], 0), sf.get_slice(k).get_shape()[0])
         self.rank = max(shapes.values())
         pipe.transformer.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=sorted(shapes),
                                                 init_lora_weights=False), adapter_name="teacher")
@@ -588,7 +578,6 @@ class TeacherBank:
     @torch.no_grad()
     def swap(self, index: int) -> None:
         """Copy teacher `index` into the slot (rank-padded, see class docstring)."""
-        from safetensors import safe_open
         if self.active == index:
             return
         with safe_open(str(self.files[index]), framework="pt") as sf:
@@ -617,7 +606,6 @@ class Router:
     """Each period of `route_every` steps is the effect stream with probability p_switch (a uniformly drawn effect,
     whose LoRA becomes the teacher), else the general stream (teacher = base); without --general data, always the
     effect stream. Each step draws batch_size source images. Every draw is a pure function of (seed, step): reproducible."""
-
     def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int,
                  batch_size: int = 1):
         self.n_effects, self.pool_sizes, self.n_general, self.batch_size = n_effects, pool_sizes, n_general, batch_size
@@ -658,9 +646,8 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: b
     possible: greedily, each effect takes the candidate that minimises the largest cosine to the prompts chosen so far.
     Fills e.trigger / e.student_prompt in place; returns the largest pairwise cosine of the naive choice (first
     candidate) and of the chosen one. aop False is the paper's "w/o AOP" ablation: student prompt = instruction."""
-    rng = random.Random(f"{seed}/triggers")
+    rng, naive, chosen = random.Random(f"{seed}/triggers"), [], []
     empty = prompt_embedding(pipe, "")  # subtracted, so the shared chat template does not dominate the cosine
-    naive, chosen = [], []
     for e in effects:
         if not aop:  # an ablation: the effect.json's trigger and student_prompt are ignored too
             e.trigger, e.student_prompt = "", e.instruction
@@ -674,15 +661,13 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: b
         chosen.append(embs[best])
     for e in effects:  # earlier effects are filled in; a later one is empty or set by its effect.json
         e.student_prompt = e.student_prompt or f"{e.trigger} {e.instruction}"
-        twin = next(o for o in effects if o.student_prompt == e.student_prompt)
-        if aop and twin is not e:
+        if aop and (twin := next(o for o in effects if o.student_prompt == e.student_prompt)) is not e:
             raise InputError(f"effects '{twin.name}' and '{e.name}' have the same student prompt "
                              f"'{e.student_prompt}' -- give one of them its own trigger or student_prompt")
     shared = sum(n for n in collections.Counter(e.student_prompt for e in effects).values() if n > 1)
     if shared:  # without AOP, effects with one instruction share one prompt: what the ablation measures
         print(f"warning: --no-aop: {shared} of {len(effects)} effects share their student prompt with another effect")
-    return {"naive_max_cos": max_pairwise_cosine(torch.stack(naive)),
-            "chosen_max_cos": max_pairwise_cosine(torch.stack(chosen))}
+    return {"naive_max_cos": max_pairwise_cosine(torch.stack(naive)), "chosen_max_cos": max_pairwise_cosine(torch.stack(chosen))}
 
 
 # ---- Data: every (prompt, image) encoded once, every teacher target ("base_pred") computed once ----
@@ -690,9 +675,7 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: b
 def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler):
     """The teacher's output latents for (effect, source image): the stock pipeline with the effect's LoRA, teacher_steps
     steps, CFG g, the base's own scheduler; cached on disk by (teacher, image, prompt, seed, steps, g)."""
-    from PIL import Image
-    e = bank.effects[index]
-    image = Image.open(image_path).convert("RGB")
+    e, image = bank.effects[index], Image.open(image_path).convert("RGB")
     _, (vw, vh) = _qwen_sizes(image)
     key = hashlib.sha256(json.dumps([cfg.base, bank.hashes[index], file_hash(image_path), vw, vh, e.instruction,
                                      e.weight, cfg.seed, cfg.teacher_steps, cfg.guidance]).encode()).hexdigest()[:24]
@@ -713,7 +696,6 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
 def cached_encode(pipe, image_path: Path, prompt: str, cfg: Config) -> EditInputs:
     """encode(), cached on disk by (base, image content, prompt, sizes) and read back memory-mapped,
     so the text encoder runs once per distinct input across runs and RAM does not grow with the data."""
-    from PIL import Image
     image = Image.open(image_path).convert("RGB")
     key = hashlib.sha256(json.dumps([cfg.base, file_hash(image_path), prompt, _qwen_sizes(image)]).encode()).hexdigest()[:24]
     path = cfg.cache / "inputs" / f"{key}.pt"
@@ -737,16 +719,12 @@ class Batch:
 class EditData:
     """Every input the run can draw, encoded once, and every teacher target, computed once (both cached on disk), so
     both encoders can leave the GPU before training; tensors stay memory-mapped on the CPU until their batch."""
-
     def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
-        from tqdm.auto import tqdm
-        self.effects = effects
-        self.pools = [e.images or [image for image, _ in general] for e in effects]  # read_inputs: none is empty
+        self.effects, self.pools = effects, [e.images or [p for p, _ in general] for e in effects]  # read_inputs: none is empty
         enc = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg))
         self.effect_inputs, self.targets = {}, {}
         for i, p in tqdm([(i, p) for i, pool in enumerate(self.pools) for p in pool], desc="teacher targets"):
-            e = effects[i]
-            self.effect_inputs[i, p] = (enc(e.student_prompt, p), enc(e.instruction, p), enc("", p))
+            self.effect_inputs[i, p] = (enc(effects[i].student_prompt, p), enc(effects[i].instruction, p), enc("", p))
             self.targets[i, p] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler)
         self.general_inputs = [(enc(instruction, image), enc("", image)) for image, instruction in general]
 
@@ -922,16 +900,13 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
 def deferred_signals():
     """While training, SIGINT/SIGTERM only set a flag: the loop finishes its step, writes a checkpoint
     and stops. A second signal stops at once (the last checkpoint stays valid)."""
-    caught = []
-    if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread only
-        yield caught
-        return
-
     def handler(signum, frame):
         if caught:
             raise KeyboardInterrupt
         caught.append(signum)
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    caught, old = [], {}
+    if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield caught
     finally:
@@ -969,8 +944,7 @@ def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict
     """The student as a stock diffusers LoRA folder: pytorch_lora_weights.safetensors (+ its peft config, so alpha is
     restored), scheduler/ (the 8-step sampler), collectionlora.json (triggers, student prompts, base, sampler)."""
     from peft.utils import get_peft_model_state_dict
-    out = Path(cfg.out) / "lora"
-    tmp = out.with_name("lora.tmp")
+    out, tmp = Path(cfg.out) / "lora", Path(cfg.out) / "lora.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     type(pipe).save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="student"),
                                  transformer_lora_adapter_metadata=pipe.transformer.peft_config["student"].to_dict())
@@ -1038,7 +1012,6 @@ def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 
 
 def train(cfg: Config) -> Path:
     """Distil the --teachers folder into one student LoRA; returns the exported LoRA folder."""
-    from tqdm.auto import tqdm
     check_config(cfg)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     cuda = device.type == "cuda"
@@ -1056,10 +1029,9 @@ def train(cfg: Config) -> Path:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         shutil.rmtree(Path(cfg.out) / "lora", ignore_errors=True)
         (Path(cfg.out) / "preview.png").unlink(missing_ok=True)
-    print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive "
-          f"triggers -> {aop['chosen_max_cos']:.3f} chosen" if cfg.aop else
-          f"no AOP (--no-aop): the student prompts are the teacher instructions; largest pairwise cosine "
-          f"{aop['chosen_max_cos']:.3f}")
+    print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive triggers -> "
+          f"{aop['chosen_max_cos']:.3f} chosen" if cfg.aop else "no AOP (--no-aop): the student prompts are the teacher "
+          f"instructions; largest pairwise cosine {aop['chosen_max_cos']:.3f}")
     add_trainable_adapters(transformer, cfg)
     if cuda:  # every input is encoded: the text encoder and VAE can leave the GPU
         pipe.text_encoder.to("cpu")
@@ -1071,9 +1043,8 @@ def train(cfg: Config) -> Path:
     opt_critic = torch.optim.AdamW(adapter_params(transformer, "critic"), cfg.critic_lr, betas, weight_decay=cfg.weight_decay)
     router = Router(len(effects), [len(p) for p in data.pools], len(general), cfg.p_switch, cfg.route_every, cfg.seed,
                     cfg.batch_size)
-    gen = torch.Generator(device).manual_seed(cfg.seed)
+    gen, autocast = torch.Generator(device).manual_seed(cfg.seed), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     start = load_checkpoint(max(ckpt_dir.glob("step_*.pt")), transformer, opt_student, opt_critic, gen) if cfg.resume else 0
 
     # --- the loop: critic every step, student every gen_every ---
@@ -1084,8 +1055,7 @@ def train(cfg: Config) -> Path:
             route = router.route(step)
             if route.stream == "effect":
                 bank.swap(route.effect)
-            logs = train_step(step, transformer, data.batch(route, device), sigmas, opt_student, opt_critic, cfg, gen,
-                              autocast)
+            logs = train_step(step, transformer, data.batch(route, device), sigmas, opt_student, opt_critic, cfg, gen, autocast)
             what = effects[route.effect].name if route.stream == "effect" else "general"
             skipped = logs.pop("skipped")
             nonfinite = nonfinite + 1 if skipped else 0
@@ -1154,9 +1124,8 @@ def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type:
 # ---- CLI ----
 
 def main(argv=None) -> int:
-    cfg = parse_config(argv)
     try:
-        train(cfg)
+        train(parse_config(argv))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -291,7 +291,8 @@ def test_image_size_knobs_set_the_pipeline_image_areas(teachers, tmp_path):
     out = tmp_path / "out"
     cl.train(tiny_config(teachers, out, image_size=32, max_steps=1, teacher_steps=2))
     assert {tuple(torch.load(p, weights_only=True).shape) for p in (out / "cache" / "targets").glob("*.pt")} == {(1, 4, 16)}
-    assert Image.open(out / "preview.png").size == (3 * 96 + 2 * 2, 3 * 96 + 2 * 2)  # 32 px pictures enlarged 3x
+    left, top = 6 * len("sketch") + 6, 14  # effect names, column titles
+    assert Image.open(out / "preview.png").size == (left + 3 * 96 + 2 * 2, top + 3 * 96 + 2 * 2)  # 32 px pictures enlarged 3x
 
 
 # ---- router and prompts ----
