@@ -813,6 +813,15 @@ def dmd_term(transformer, x0_hat, b: Batch, sigma, cfg: Config, gen):
     return dmd_loss(x0_hat, x0_from_v(x_t, v_real, sigma), fake_x0)
 
 
+def flow_matching_term(transformer, adapter: str, x0, c: EditInputs, t_min, cfg: Config, gen):
+    """Flow matching of `adapter` on fixed samples x0 at t ~ U[t_min, 1000), shifted: TA-FM (the student on the
+    teacher's outputs) and the critic (on the student's samples)."""
+    _, sigma = draw_sigma(gen, float(t_min), cfg.shift)
+    eps = torch.randn(x0.shape, generator=gen, device=gen.device)
+    use_adapter(transformer, adapter)
+    return flow_matching_loss(predict_v(transformer, add_noise(x0, eps, sigma), sigma, c), x0, eps)
+
+
 def student_loss(transformer, b: Batch, sigmas, cfg: Config, gen) -> dict:
     """L = L_DMD(backward simulation) [+ w_ts L_DMD(target simulation) + w_fm L_TA-FM on the effect stream]."""
     steps = len(sigmas)
@@ -830,15 +839,6 @@ def student_loss(transformer, b: Batch, sigmas, cfg: Config, gen) -> dict:
         losses["fm"] = flow_matching_term(transformer, "student", y, b.student, t_dmd, cfg, gen)
     use_adapter(transformer, "student")  # important! backward (and checkpoint recompute) must see the student
     return losses
-
-
-def flow_matching_term(transformer, adapter: str, x0, c: EditInputs, t_min, cfg: Config, gen):
-    """Flow matching of `adapter` on fixed samples x0 at t ~ U[t_min, 1000), shifted: TA-FM (the student on the
-    teacher's outputs) and the critic (on the student's samples)."""
-    _, sigma = draw_sigma(gen, float(t_min), cfg.shift)
-    eps = torch.randn(x0.shape, generator=gen, device=gen.device)
-    use_adapter(transformer, adapter)
-    return flow_matching_loss(predict_v(transformer, add_noise(x0, eps, sigma), sigma, c), x0, eps)
 
 
 def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
@@ -867,10 +867,11 @@ def apply_update(loss, optimiser, clip: float) -> bool:
 
 def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic, cfg: Config, gen, autocast) -> dict:
     """Student every gen_every steps (DMD2 two time-scale rule), then the critic, on the same batch. During a warm
-    start (step < cfg.warmup) the student learns from TA-FM alone, every effect step, and the critic waits; then the
-    critic starts as a copy of the student. Returns the losses; "skipped" lists updates dropped for a non-finite loss."""
+    start (step < cfg.warmup) the student learns by flow matching on the teacher outputs alone, every effect step, and
+    the critic waits; then the critic starts as a copy of the student. Returns the losses; "skipped" lists updates
+    dropped for a non-finite loss."""
     logs, skipped, warm = {}, [], step < cfg.warmup
-    if step == cfg.warmup > 0:  # the fake score starts as the model of the student's distribution that it has
+    if step == cfg.warmup > 0:  # the warm start ends: the fake score starts as the student's own model
         params = dict(transformer.named_parameters())
         with torch.no_grad():
             for n in (n for n in params if ".critic." in n):
@@ -881,7 +882,7 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
         with autocast:
             losses = ({"fm": flow_matching_term(transformer, "student", b.target, b.student, 0.0, cfg, gen)} if warm
                       else student_loss(transformer, b, sigmas, cfg, gen))
-        weights = {"dmd": 1.0, "ts": cfg.w_ts, "fm": cfg.w_fm}
+        weights = {"dmd": 1.0, "ts": cfg.w_ts, "fm": 1.0 if warm else cfg.w_fm}
         if not apply_update(sum(weights[k] * v for k, v in losses.items()), opt_student, cfg.grad_clip):
             skipped.append(f"student ({', '.join(k for k, v in losses.items() if not v.isfinite()) or 'gradient'})")
         logs.update({k: v.item() for k, v in losses.items()})

@@ -56,9 +56,11 @@ teacher stacked with the Lightning LoRA (our own distiller run on the general st
 Lightning LoRA alone, the three merges of all teachers that peft's add_weighted_adapter offers (cat,
 svd, ties_svd; each also + Lightning), "fm" (one LoRA trained by plain flow matching on every
 effect's GROUND-TRUTH pairs with the student prompts: data the distiller never sees; also + Lightning),
+"fm_teacher" (the paper's FM baseline: the same on the teachers' OUTPUTS for the distiller's sources; also + Lightning),
 CollectionLoRA, and its four ablations (no PDSR: p_switch 1; no AOP: --no-aop; no TS: w_ts 0; no
-TA-FM: w_fm 0). Zero-shot composition: pairs (A, B) prompted "Please apply {A} to the input image,
-and then apply {B}." against B(A(source)). The issue's bars are checked and printed.
+TA-FM: w_fm 0 and no warm start). A convergence curve: the student at every kept checkpoint.
+Zero-shot composition: pairs (A, B) prompted "Please apply {A} to the input image, and then apply
+{B}." against B(A(source)). The issue's bars are checked and printed.
 
     from effectbench import benchmark          # any effect set, no file edits
     benchmark({"invert": ("Invert the colours", lambda x: 1 - x)}, seed=0, ablations=False)
@@ -1325,11 +1327,16 @@ QUICK_EFFECTS = ["tint_any", "roll_right_2", "roll_right_3", "invert"]  # multi-
 # The embedded default (examples/toy/): the quick four plus four that are easy to see at a glance.
 TOY_EFFECTS = QUICK_EFFECTS + ["grayscale", "edges", "pixelate", "duotone_any"]
 TOY = Path(__file__).resolve().parent / "toy"
-# collectionlora knobs for this world (see the README's convergence notes): the paper's loop, a CPU-sized schedule
+# collectionlora knobs for this world: the paper's loop on a CPU-sized schedule, each departure measured in the README
+# ("Making the student reach its teachers"): rank 64, batch 8, lr 1e-3 with Adam betas (0, 0.99) (the paper's
+# (0.9, 0.999) lost 0.9 dB at 1,500 iterations), p_switch 0.8 and route_every 5 (fewer general periods)
 DISTIL_KNOBS = {"rank": 64, "alpha": 64, "lr": 1e-3, "critic_lr": 1e-3, "beta1": 0.0, "beta2": 0.99, "gen_every": 2,
                 "route_every": 5, "p_switch": 0.8, "batch_size": 8, "teacher_steps": 40}
-# The paper's ablations, each one knob away from the full method
-ABLATIONS = {"no_pdsr": {"p_switch": 1.0}, "no_aop": {"aop": False}, "no_ts": {"w_ts": 0.0}, "no_tafm": {"w_fm": 0.0}}
+# The warm start (--warmup): 1,500 iterations of flow matching on the teacher outputs per effect, ~40 ms each on CPU.
+# Regression reaches the teachers' fidelity at a tenth of the cost of the full objective; DMD then adds their modes.
+WARMUP_PER_EFFECT = 1500
+# The paper's ablations, each one knob away from the full method (w/o TA-FM: no flow matching on teacher outputs at all)
+ABLATIONS = {"no_pdsr": {"p_switch": 1.0}, "no_aop": {"aop": False}, "no_ts": {"w_ts": 0.0}, "no_tafm": {"w_fm": 0.0, "warmup": 0}}
 
 
 def export_toy(world: World, base: Path, folder: Path, teacher_steps: int, seed: int, lightning_steps: int, work: Path) -> None:
@@ -1365,9 +1372,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae_steps", type=int, default=4000, help="VAE training steps (about 0.16 s each; cached, shared)")
     p.add_argument("--base_steps", type=int, default=2500, help="base pretraining steps (about 0.07 s each; cached, shared)")
     p.add_argument("--teacher_steps", type=int, default=600, help="FM steps per teacher LoRA (about 0.09 s each)")
-    p.add_argument("--distil_steps", type=int, default=None, help="collectionlora iterations (default: 1500 per 4 effects)")
+    p.add_argument("--distil_steps", type=int, default=None, help="collectionlora iterations of the full objective, after "
+                   "the warm start (default: 1500 per 4 effects)")
+    p.add_argument("--warmup_steps", type=int, default=None, help=f"warm-start iterations (flow matching on the teacher "
+                   f"outputs alone; default: {WARMUP_PER_EFFECT} per effect)")
     p.add_argument("--curve_every", type=int, default=0, help="checkpoint and measure the student every N iterations "
-                   "(report/curve.png; 0 = distil_steps / 6)")
+                   "(report/curve.png; 0 = a sixth of the run)")
     p.add_argument("--lightning_steps", type=int, default=1500, help="iterations of the Lightning LoRA (general stream only)")
     p.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), default=None,
                    help="distil these ablations too (no names: all four; default: all four, none with --quick)")
@@ -1375,8 +1385,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes for the independent stages (teachers; students, FM, Lightning), one core each")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per held-out source")
-    p.add_argument("--guidance", type=float, default=2.0, help="teacher CFG for the real score and the 'vs teacher' "
-                   "reference (a first quick run: g = 1-2 scored best, g = 5 worst)")
+    p.add_argument("--guidance", type=float, default=1.0, help="teacher CFG g for the real score, the teacher targets and "
+                   "the 'vs teacher' reference: these teachers need none (g = 1 and 2 score alike, g = 5 worst), and at g = 1 "
+                   "their outputs keep their modes (the README's convergence notes)")
     p.add_argument("--export_toy", default="", help="write the embedded default collection (base + 8 teachers + Lightning) "
                    "to this folder and stop")
     return p
@@ -1426,7 +1437,8 @@ def run(spec: dict, args) -> dict:
                    args.seed, args.lightning_steps, root / f"export_lightning_{args.lightning_steps}")
         return {}
     registry_prefix = names == list(reg)[: len(names)] and all(spec[n][0] == reg[n][0] for n in names)
-    tag = ("quick" if args.quick else f"n{len(effects)}") + f"_t{args.teacher_steps}" + ("_toy" if embedded else "")
+    toy_base = base.resolve() == (TOY / "base").resolve()
+    tag = ("quick" if args.quick else f"n{len(effects)}") + f"_t{args.teacher_steps}" + ("_toy" if toy_base else "")
     if not (args.quick or registry_prefix):  # a user's effect set: its own cache
         tag += "_" + hashlib.sha1(json.dumps([[n, spec[n][0], spec[n][2]] for n in names]).encode()).hexdigest()[:8]
     teachers, general = root / tag / "teachers", root / tag / "general"
@@ -1441,18 +1453,19 @@ def run(spec: dict, args) -> dict:
     assert [e.name for e in cl.read_teachers(teachers)] == sorted(names)
 
     # the students: CollectionLoRA, its ablations, the Lightning LoRA (general stream only), the FM LoRA, the merges
-    distil_steps = args.distil_steps or 1500 * math.ceil(len(names) / 4)
+    warmup = WARMUP_PER_EFFECT * len(names) if args.warmup_steps is None else args.warmup_steps
+    distil_steps = warmup + (args.distil_steps or 1500 * math.ceil(len(names) / 4))
     every = args.curve_every or max(distil_steps // 6, 1)  # a checkpoint per point of the convergence curve
-    knobs = DISTIL_KNOBS | {"max_steps": distil_steps, "guidance": args.guidance, "log_every": 250, "save_every": every,
-                            "keep_checkpoints": distil_steps // every + 1}
+    knobs = DISTIL_KNOBS | {"max_steps": distil_steps, "warmup": warmup, "guidance": args.guidance, "log_every": 250,
+                            "save_every": every, "keep_checkpoints": distil_steps // every + 1}
     chosen = args.ablations  # None = the default; True / False from benchmark(); [] = all four; or some names
     if args.no_ablations or chosen is False or (chosen is None and args.quick):
         ablations = []
     else:
         ablations = list(ABLATIONS) if chosen in (None, True, []) else list(chosen)
-    students = {name: (root / tag / (f"distil_{distil_steps}" + ("" if name == "collectionlora" else "_" + name)),
+    students = {name: (root / tag / (f"distil_w{warmup}_{distil_steps}_g{args.guidance:g}" + ("" if name == "collectionlora" else "_" + name)),
                        knobs | change) for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]}
-    embedded_lightning = embedded and (TOY / "lightning").is_dir()
+    embedded_lightning = toy_base and (TOY / "lightning").is_dir()  # distilled from that base
     prompts = planned_prompts(teachers, base, args.seed)
     lightning = lambda: stage_lightning(teachers, names[0], general, base, root / f"lightning_{args.lightning_steps}",
                                         args.seed, args.lightning_steps)
@@ -1500,7 +1513,8 @@ def run(spec: dict, args) -> dict:
         compose_methods["teachers_chained_16"] = None
         compose = evaluate_composition(world, pairs, pipe, compose_methods, args.seeds)
     curve = checkpoint_curve(world, effects, pipe, students["collectionlora"][0], "collectionlora")
-    walls = stock_pipeline_check(base, teachers, student, effects[0], world.test[0], args.guidance)
+    # the paper's teacher (40 steps x 2 for CFG) sets the speed bar, and the oracle checks the CFG path: g >= 2 here
+    walls = stock_pipeline_check(base, teachers, student, effects[0], world.test[0], max(args.guidance, 2.0))
     log(f"stock pipeline: {walls}")
     if not walls["batched_sampler_max_abs_diff"] < 1e-4:  # every metric rests on this oracle
         raise RuntimeError(f"the batched sampler differs from pipe(...) by {walls['batched_sampler_max_abs_diff']:.2e} -- "
