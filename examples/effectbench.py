@@ -1276,8 +1276,11 @@ def plot_lines(series: dict, path: Path, xticks: dict, hlines: dict | None = Non
         d.text((x0 + m, 8), title, fill="black")
         for v in (lo, (lo + hi) / 2, hi):
             d.text((x0 + 2, Y(v) - 5), f"{v:.2f}", fill="black")
-        for x, text in xticks.items():
-            d.text((X(x) - 3 * len(text), H - m + 4), text, fill="black")
+        last = -1e9
+        for x, text in sorted(xticks.items()):
+            if X(x) - last > 6 * len(text) + 4:  # skip a label that would overprint its neighbour
+                d.text((X(x) - 3 * len(text), H - m + 4), text, fill="black")
+                last = X(x)
         for label, c in zip(labels, colours):
             if label in hlines:
                 for a in range(x0 + m, x0 + W - m, 8):  # dashed
