@@ -172,7 +172,7 @@ def check_config(c: Config) -> None:
              "beta1": 0 <= c.beta1 < 1, "beta2": 0 <= c.beta2 < 1, "weight_decay": c.weight_decay >= 0,
              "ts_last_k": 1 <= c.ts_last_k <= c.student_steps, "ts_t_min": 0 <= c.ts_t_min < 1000,
              "w_ts": c.w_ts >= 0, "w_fm": c.w_fm >= 0, "log_every": c.log_every >= 1, "save_every": c.save_every >= 1,
-             "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1,
+             "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1, "warmup": c.warmup >= 0,
              # the pipeline rounds each side to a multiple of 32 (calculate_dimensions): 40 would silently become 32
              "image_size": c.image_size >= 0 and c.image_size % 32 == 0,
              "condition_size": c.condition_size >= 0 and c.condition_size % 32 == 0}

@@ -603,6 +603,7 @@ BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags;
     "NaN guidance": (lambda r: ["--guidance", "nan"], "--guidance nan is invalid"),
     "image_size not a multiple of 32": (lambda r: ["--image_size", "40"], "--image_size 40 is invalid"),
     "negative condition_size": (lambda r: ["--condition_size=-32"], "--condition_size -32 is invalid"),
+    "negative warmup": (lambda r: ["--warmup=-5"], "--warmup -5 is invalid"),
     "not a number": (lambda r: ["--max_steps", "ten"], "argument --max_steps: invalid int value: 'ten'"),
     "base folder is not a pipeline": (lambda r: ["--base", str(r / "general")], "is not a diffusers pipeline folder"),
 }
