@@ -1467,7 +1467,8 @@ def run(spec: dict, args) -> dict:
     else:
         ablations = list(ABLATIONS) if chosen in (None, True, []) else list(chosen)
     students = {name: (root / tag / (f"distil_w{warmup}_{distil_steps}_g{args.guidance:g}" + ("" if name == "collectionlora" else "_" + name)),
-                       knobs | change) for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]}
+                       knobs | change | {"max_steps": distil_steps - warmup + change.get("warmup", warmup)})  # same full steps
+                for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]}
     embedded_lightning = toy_base and (TOY / "lightning").is_dir()  # distilled from that base
     prompts = planned_prompts(teachers, base, args.seed)
     lightning = lambda: stage_lightning(teachers, names[0], general, base, root / f"lightning_{args.lightning_steps}",
