@@ -983,7 +983,7 @@ def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 
     """<out>/preview.png, a row per effect (the first `rows`, named on the left) on its first source image, `gap` px
     apart, columns titled: the source as resized | the teacher's cached target | the student (stock pipeline, seed
     cfg.seed); small pictures enlarged."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
     use_adapter(pipe.transformer, "student")
     cells = []  # per row: source | teacher | student, at the pipeline's output size
     for i, e in enumerate(data.effects[:rows]):
