@@ -942,17 +942,38 @@ def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> in
 
 
 def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict) -> Path:
-    """The student as a stock diffusers LoRA folder: pytorch_lora_weights.safetensors (+ its peft config, so alpha is
-    restored), scheduler/ (the 8-step sampler), collectionlora.json (triggers, student prompts, base, sampler)."""
+    """The student for both tools: pytorch_lora_weights.safetensors (diffusers; alpha in its peft config), scheduler/
+    (the 8-step sampler), <name>_comfyui.safetensors (ComfyUI) and collectionlora.json (which file for which tool,
+    triggers and prompts, the sampler in both tools' terms)."""
     from peft.utils import get_peft_model_state_dict
     out, tmp = Path(cfg.out) / "lora", Path(cfg.out) / "lora.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    type(pipe).save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="student"),
-                                 transformer_lora_adapter_metadata=pipe.transformer.peft_config["student"].to_dict())
+    sd, config = get_peft_model_state_dict(pipe.transformer, adapter_name="student"), pipe.transformer.peft_config["student"]
+    type(pipe).save_lora_weights(tmp, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config.to_dict())
     student_scheduler(cfg).save_pretrained(tmp / "scheduler")
+    # ComfyUI maps "diffusion_model.<module>" for every model (model_lora_keys_unet in comfy/lora.py; its QwenImage branch
+    # shows that ComfyUI's Qwen module names are diffusers'), reads lora_up/lora_down and scales them by the module's
+    # ".alpha" / rank (no ".alpha": scale 1, so alpha != rank would load at the wrong strength). One alpha: no patterns.
+    comfy, comfy_file = {}, f"{Path(cfg.out).resolve().name}_comfyui.safetensors"
+    for key in (k for k in sd if k.endswith(".lora_A.weight")):
+        module = "diffusion_model." + key.removesuffix(".lora_A.weight")
+        comfy |= {f"{module}.lora_down.weight": sd[key], f"{module}.alpha": torch.tensor(float(config.lora_alpha)),
+                  f"{module}.lora_up.weight": sd[key.replace(".lora_A.", ".lora_B.")]}
+    save_file({k: v.contiguous() for k, v in comfy.items()}, str(tmp / comfy_file))
+    steps, shift = cfg.student_steps, cfg.shift
     meta = {"base": cfg.base, "paper": "arXiv 2605.25378",
-            "sampler": {"num_inference_steps": cfg.student_steps, "true_cfg_scale": 1.0, "scheduler": "scheduler/",
-                        "sigmas": [round(s, 6) for s in student_sigmas(cfg.student_steps, cfg.shift).tolist()]},
+            "files": {"diffusers": "pytorch_lora_weights.safetensors: pipe.load_lora_weights(this folder)",
+                      "diffusers_scheduler": "scheduler/: FlowMatchEulerDiscreteScheduler.from_pretrained(this folder, "
+                                             "subfolder='scheduler')", "comfyui": f"{comfy_file}: models/loras/"},
+            "prompts": {e.name: e.student_prompt for e in effects},
+            "sampler": {"num_inference_steps": steps, "true_cfg_scale": 1.0, "scheduler": "scheduler/",
+                        "sigmas": [round(s, 6) for s in student_sigmas(steps, shift).tolist()]},
+            # ComfyUI's lcm sampler is x0 then noise_scaling(sigma_next) = sigma_next noise + (1 - sigma_next) x0, ours; its
+            # simple scheduler on ModelSamplingAuraFlow's table shift(i / 1000) gives shift(1 - x / steps) when 1000 % steps == 0
+            "comfyui": {"file": comfy_file, "loader": "LoraLoaderModelOnly", "strength_model": 1.0,
+                        "model_sampling": {"node": "ModelSamplingAuraFlow", "shift": shift},
+                        "ksampler": {"sampler_name": "lcm", "scheduler": "simple", "steps": steps, "cfg": 1.0, "denoise": 1.0},
+                        "sigmas_exact": 1000 % steps == 0},
             "effects": [{"name": e.name, "trigger": e.trigger, "student_prompt": e.student_prompt,
                          "teacher_instruction": e.instruction, "teacher_sha256_16": h}
                         for e, h in zip(effects, bank.hashes)],

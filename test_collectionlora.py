@@ -475,6 +475,119 @@ def test_stock_scheduler_visits_exactly_the_trained_sigmas(trained):
     assert pipe.scheduler.sigmas[-1].item() == 0.0 and pipe.scheduler.config.stochastic_sampling
 
 
+# ---- ComfyUI: the file, its strength, the sampler ----
+
+@pytest.fixture(scope="module")
+def exported_alpha(teachers, tmp_path_factory):
+    """A student exported with alpha != rank (scale 1/4): the case where a file without .alpha tensors loads wrong."""
+    with cl.tiny_image_sizes():
+        out = tmp_path_factory.mktemp("alpha")
+        lora = cl.train(tiny_config(teachers, out, max_steps=6, gen_every=1, rank=8, alpha=2.0, lr=3e-2, critic_lr=3e-2))
+    meta = json.loads((lora / "collectionlora.json").read_text())
+    return lora, lora / meta["comfyui"]["file"], meta
+
+
+def comfyui_unloaded_keys(lora: dict, model_keys) -> list:
+    """The keys ComfyUI would leave unloaded, by its rule as read in Comfy-Org/ComfyUI: model_lora_keys_unet
+    (comfy/lora.py) maps the LoRA name 'diffusion_model.<m>' to the model weight 'diffusion_model.<m>.weight' for
+    every model and release (the QwenImage branch adds '<m>' and 'transformer.<m>', the same names as diffusers');
+    load_lora then takes '<x>.alpha', and LoRAAdapter.load (comfy/weight_adapter/lora.py) '<x>.lora_up.weight' with
+    '<x>.lora_down.weight' (or lora_B / lora_A); any other key is reported as 'lora key not loaded'."""
+    names, loaded = {"diffusion_model." + k.removesuffix(".weight") for k in model_keys if k.endswith(".weight")}, set()
+    for x in names:
+        for up, down in ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight")):
+            if x + up in lora:
+                loaded |= {x + up, x + down} | ({x + ".alpha"} & set(lora))
+                break
+    return sorted(set(lora) - loaded)
+
+
+def test_the_comfyui_file_is_all_mapped_by_comfyui_and_merges_at_the_diffusers_strength(exported_alpha):
+    lora, comfy_file, meta = exported_alpha
+    comfy = load_file(str(comfy_file))
+    base = cl.build_tiny_pipeline(0).transformer
+    assert comfyui_unloaded_keys(comfy, base.state_dict()) == [] and len(comfy) == 3 * 28  # 28 LoRA modules
+    assert comfyui_unloaded_keys({"transformer_blocks.0.attn.to_q.lora_up.weight": 0}, base.state_dict()) != []  # it can fail
+    stock = cl.build_tiny_pipeline(0)
+    stock.load_lora_weights(str(lora))  # the diffusers file, alpha from its peft config
+    stock.fuse_lora(lora_scale=1.0)
+    fused, merged = stock.transformer.state_dict(), 0
+    for name, W in base.state_dict().items():  # ComfyUI's merge at strength 1: W + (alpha / rank) up @ down
+        x = "diffusion_model." + name.removesuffix(".weight")
+        if x + ".alpha" in comfy:
+            up, down = comfy[x + ".lora_up.weight"], comfy[x + ".lora_down.weight"]
+            assert comfy[x + ".alpha"].item() == 2.0 and down.shape[0] == 8
+            expected = W + comfy[x + ".alpha"].item() / down.shape[0] * up @ down
+            fused_W = fused[name.removesuffix(".weight") + ".base_layer.weight"]  # peft keeps the merged weight there
+            torch.testing.assert_close(fused_W, expected, rtol=0, atol=1e-6)
+            merged += (expected - W).abs().max().item() > 1e-4  # the student is not zero
+    assert merged > 0
+    assert meta["comfyui"]["file"] in meta["files"]["comfyui"] and (lora / "pytorch_lora_weights.safetensors").is_file()
+    assert meta["prompts"] == {e["name"]: e["student_prompt"] for e in meta["effects"]}
+
+
+def test_diffusers_reads_the_comfyui_file_to_the_same_outputs(teachers, exported_alpha):
+    lora, comfy_file, meta = exported_alpha
+    image = Image.open(next((teachers / "teachers").glob("*/images/*.png"))).convert("RGB")
+    prompt = meta["effects"][0]["student_prompt"]
+    outputs = []
+    for how in (lambda p: cl.load_student(p, lora), lambda p: p.load_lora_weights(str(comfy_file)), lambda p: None):
+        pipe = cl.build_tiny_pipeline(0)
+        pipe.set_progress_bar_config(disable=True)
+        how(pipe)
+        pipe.scheduler = cl.student_scheduler(cl.Config())
+        outputs.append(cl.sample(pipe, image, prompt, seed=3, output_type="pt"))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)  # lora_state_dict folds .alpha for Qwen
+    assert (outputs[2] - outputs[0]).abs().max() > 1e-3  # the LoRA matters
+
+
+def test_the_comfyui_file_read_back_as_a_teacher_is_the_student(exported_alpha, tmp_path):
+    lora, comfy_file, meta = exported_alpha
+    folder = tmp_path / "teachers" / "student"
+    (folder / "images").mkdir(parents=True)
+    shutil.copy(comfy_file, folder)
+    random_image(torch.Generator().manual_seed(0)).save(folder / "images" / "0.png")
+    (folder / "effect.json").write_text(json.dumps({"instruction": meta["effects"][0]["student_prompt"]}))
+    pipe = cl.build_tiny_pipeline(0)
+    bank = cl.TeacherBank(cl.read_teachers(tmp_path / "teachers"), pipe, tmp_path / "cache")  # our own reader
+    bank.swap(0)
+    cl.use_adapter(pipe.transformer, "teacher")
+    stock = cl.build_tiny_pipeline(0)
+    cl.load_student(stock, lora)
+    expected = transformer_out(stock.transformer)
+    torch.testing.assert_close(transformer_out(pipe.transformer), expected, rtol=0, atol=1e-5)
+    assert (expected - transformer_out(cl.build_tiny_pipeline(0).transformer)).abs().max() > 1e-4
+
+
+def test_comfyui_lcm_with_the_simple_schedule_is_the_student_sampler(exported_alpha):
+    """ComfyUI, read in Comfy-Org/ComfyUI: ModelSamplingAuraFlow(shift) builds ModelSamplingDiscreteFlow (comfy/
+    model_sampling.py) with the table sigmas[i] = time_snr_shift(shift, (i + 1) / 1000), i < 1000; scheduler 'simple'
+    (comfy/samplers.py) takes sigmas[-(1 + int(x * 1000 / steps))] for x < steps, then 0; sampler 'lcm' sets x to the
+    model's x0 and, while the next sigma > 0, x = noise_scaling(s, noise, x) = s noise + (1 - s) x (CONST, flow)."""
+    comfy = exported_alpha[2]["comfyui"]
+    shift, steps = comfy["model_sampling"]["shift"], comfy["ksampler"]["steps"]
+    assert (comfy["ksampler"]["sampler_name"], comfy["ksampler"]["scheduler"], comfy["ksampler"]["cfg"]) == ("lcm", "simple", 1.0)
+    t = torch.arange(1, 1001, dtype=torch.float32) / 1000
+    table = shift * t / (1 + (shift - 1) * t)
+    simple = torch.tensor([table[-(1 + int(x * len(table) / steps))].item() for x in range(steps)] + [0.0])
+    torch.testing.assert_close(simple[:-1], cl.student_sigmas(8, 3.0), rtol=0, atol=1e-6)
+    assert comfy["sigmas_exact"]
+    # the lcm loop on the student, with the same noise draws, reaches backward_simulation's sample
+    pipe = cl.build_tiny_pipeline(0)
+    cl.load_student(pipe, exported_alpha[0])
+    g = torch.Generator().manual_seed(5)
+    c = cl.EditInputs(torch.randn(1, 7, 16, generator=g), None, torch.randn(1, 16, 16, generator=g), [[(1, 4, 4), (1, 4, 4)]])
+    g.manual_seed(9)
+    x = torch.randn(1, 16, 16, generator=g)
+    with torch.no_grad():
+        for i in range(steps):
+            x = x - simple[i] * cl.predict_v(pipe.transformer, x, simple[i], c)  # the model's x0 (CONST)
+            if simple[i + 1] > 0:
+                x = simple[i + 1] * torch.randn(x.shape, generator=g) + (1 - simple[i + 1]) * x
+    reference = cl.backward_simulation(pipe.transformer, c, cl.student_sigmas(8, 3.0), 8, g.manual_seed(9))
+    torch.testing.assert_close(x, reference, rtol=0, atol=1e-5)
+
+
 def lora_tensors(lora_dir: Path) -> dict:
     return load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
 
