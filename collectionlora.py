@@ -14,12 +14,12 @@ student LoRA that samples in 8 steps without CFG:
     prompts (AOP)   teacher sees its instruction; student and critic see "<trigger> instruction",
                     triggers chosen so the student prompts are as orthogonal as possible
 
-Run:
+Run (python collectionlora.py --help: every knob):
     python collectionlora.py --base tiny --teachers examples/tiny_teachers ...               # CPU demo: README
     python collectionlora.py --teachers my_effects/ --general my_edits/ --out runs/mine     # GPU, Qwen-Image-Edit-2509
-    python collectionlora.py --help                                                          # every knob
+    python collectionlora.py --init runs/mine/lora --teachers new/ --replay my_effects/ ...  # add effects to it
 
-Use the result in stock diffusers (runs/mine/preview.png shows source | teacher | student for each effect):
+Use the result in stock diffusers (in ComfyUI: README; runs/mine/preview.png shows source | teacher | student):
     pipe.load_lora_weights("runs/mine/lora")
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("runs/mine/lora", subfolder="scheduler")
     pipe(image=img, prompt=student_prompt, num_inference_steps=8, true_cfg_scale=1.0)
@@ -27,8 +27,8 @@ Use the result in stock diffusers (runs/mine/preview.png shows source | teacher 
 Deviations from the official code (causvid/), each on purpose:
  1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline) and cached, not made by hand.
  2. All teachers share ONE exact rank-padded `teacher` adapter slot on the base (TeacherBank), in any diffusers format.
- 3. The stream (PDSR) is redrawn every `route_every` steps as in the code (paper: every step), as a pure function of
-    (seed, step), so a resumed run sees exactly the same data.
+ 3. The stream (PDSR) is redrawn every `route_every` steps as in the code (paper: every step), a pure function of (seed,
+    step): a resumed run sees exactly the same data.
  4. Target-simulation inputs come from the last `ts_last_k` student sigmas (code), not tau_max (paper).
  5. CFG in the diffusers convention uncond + g(cond - uncond): g = 5 is the official cond + 4(cond - uncond). The
     stock pipeline's true-CFG (teacher targets) also rescales to the conditional norm; DMD's real score does not (official).
@@ -61,9 +61,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image, ImageDraw
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import Qwen2VLProcessor
 
@@ -129,6 +131,10 @@ class Config:
     w_fm: float = knob(1.0, "weight of trajectory-anchored flow matching (paper: unweighted)")
     warmup: int = knob(0, "first iterations: flow matching on the teacher outputs at t ~ U[0, 1000) alone (cheap: no "
                             "sampling, teacher or critic); then the critic starts as the student. 0 = the paper")
+    # extending a collection
+    init: str = knob("", "continue from an exported student (a run's lora/): its LoRA, triggers and prompts are kept")
+    replay: str = knob("", "with --init: teachers of some of its effects, replayed through the router with their old prompts")
+    replay_p: float = knob(0.25, "with --replay: the share of effect periods spent on the replayed effects (rest: new)")
     aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop (ablation): the teacher's instruction")
     # engineering
     log_every: int = knob(50, "one log line every N steps")
@@ -170,7 +176,7 @@ def check_config(c: Config) -> None:
              "route_every": c.route_every >= 1, "student_steps": c.student_steps >= 1, "shift": c.shift > 0,
              "teacher_steps": c.teacher_steps >= 1, "guidance": c.guidance >= 1, "grad_clip": c.grad_clip > 0,
              "beta1": 0 <= c.beta1 < 1, "beta2": 0 <= c.beta2 < 1, "weight_decay": c.weight_decay >= 0,
-             "ts_last_k": 1 <= c.ts_last_k <= c.student_steps, "ts_t_min": 0 <= c.ts_t_min < 1000,
+             "ts_last_k": 1 <= c.ts_last_k <= c.student_steps, "ts_t_min": 0 <= c.ts_t_min < 1000, "replay_p": 0 <= c.replay_p <= 1,
              "w_ts": c.w_ts >= 0, "w_fm": c.w_fm >= 0, "log_every": c.log_every >= 1, "save_every": c.save_every >= 1,
              "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1, "warmup": c.warmup >= 0,
              # the pipeline rounds each side to a multiple of 32 (calculate_dimensions): 40 would silently become 32
@@ -182,6 +188,8 @@ def check_config(c: Config) -> None:
         raise InputError("--teachers is required -- pass a folder with one sub-folder per effect (see --help)")
     if c.resume and c.overwrite:
         raise InputError("--resume and --overwrite contradict each other -- pass one of them")
+    if c.replay and not c.init:
+        raise InputError("--replay needs --init -- pass the exported student (<run>/lora) its effects belong to")
 
 
 # ---- Flow-matching maths (diffusers' FlowMatchEulerDiscreteScheduler convention) ----
@@ -386,9 +394,16 @@ def adapter_params(transformer, name: str) -> list:
     return [p for n, p in transformer.named_parameters() if f".{name}." in n]
 
 
+@torch.no_grad()
+def copy_adapter(transformer, source: str, target: str) -> None:
+    params = dict(transformer.named_parameters())
+    for n in (n for n in params if f".{target}." in n):
+        params[n].copy_(params[n.replace(f".{target}.", f".{source}.")])
+
+
 def add_trainable_adapters(transformer, cfg: Config):
-    """Student and critic LoRAs on the same base, both zero at step 0 (student = critic = base)."""
-    from peft import LoraConfig
+    """Student and critic LoRAs on the same base, both zero at step 0 (student = critic = base); with --init, the student
+    is the exported one exactly (read_init checked rank and alpha: its raw weights) and the critic starts as it."""
     torch.manual_seed(cfg.seed)  # LoRA A is drawn from the global RNG: whatever ran before must not matter
     for name in ("student", "critic"):
         with warnings.catch_warnings():
@@ -397,6 +412,10 @@ def add_trainable_adapters(transformer, cfg: Config):
                                                init_lora_weights=True), adapter_name=name)
         for p in adapter_params(transformer, name):
             p.data = p.data.float()  # important! trainable LoRA weights stay fp32 under bf16 autocast
+    if cfg.init:
+        sd = load_file(str(Path(cfg.init) / "pytorch_lora_weights.safetensors"))
+        set_peft_model_state_dict(transformer, {k.removeprefix("transformer."): v for k, v in sd.items()}, adapter_name="student")
+        copy_adapter(transformer, "student", "critic")  # the fake score starts as the student's own model
 
 
 # ---- Reading the user's folders: everything is checked before anything is written ----
@@ -471,8 +490,35 @@ def read_teachers(folder, batch_size: int = 1) -> list:
     return effects
 
 
+def read_init(cfg: Config, effects: list) -> tuple:
+    """--init and --replay, checked against this run: (the --init collection's effects, the replayed ones with their prompts)."""
+    folder, mine = Path(cfg.init), dataclasses.asdict(cfg) | {"target_modules": list(cfg.target_modules)}
+    try:
+        meta = json.loads((folder / "collectionlora.json").read_text())
+        theirs = {"base": meta["base"]} | {k: meta["config"][k] for k in ("rank", "alpha", "target_modules")}
+        old = {e["name"]: e | {"added_by": e.get("added_by", meta["config"]["out"])} for e in meta["effects"]}
+        assert (folder / "pytorch_lora_weights.safetensors").is_file(), "no pytorch_lora_weights.safetensors"
+    except Exception as e:  # missing, not JSON, not ours
+        raise InputError(f"--init '{folder}' is not a collectionlora export ({type(e).__name__}: {str(e)[:80]}) -- pass "
+                         f"the lora/ folder of a finished run") from e
+    for k in (k for k in theirs if theirs[k] != mine[k]):
+        raise InputError(f"--init '{folder}' was made with --{k} {theirs[k]}, this run has {mine[k]} -- pass the same")
+    replayed = read_teachers(cfg.replay, cfg.batch_size) if cfg.replay else []
+    for e in replayed:
+        if e.name not in old:
+            raise InputError(f"--replay effect '{e.name}' is not in the --init collection ({', '.join(old)}) -- "
+                             f"replay only its effects; a new effect goes in --teachers")
+        e.trigger, e.student_prompt = old[e.name]["trigger"], old[e.name]["student_prompt"]
+    for e, o in ((e, o) for e in effects for o in old.values()):
+        if e.name == o["name"] or e.trigger and e.trigger == o["trigger"] or e.student_prompt == o["student_prompt"]:
+            raise InputError(f"new effect '{e.name}' collides with '{o['name']}' of --init (its name, trigger or "
+                             f"student prompt) -- rename its folder or change its effect.json")
+    return list(old.values()), replayed
+
+
 def read_inputs(cfg: Config):
-    """--out, --teachers and --general, checked before anything is written: (effects, [(image, instruction)] edits)."""
+    """--out, --teachers, --general, --init and --replay, checked before anything is written: (effects, replayed first;
+    [(image, instruction)] general edits; the --init collection's effect entries)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file -- pass a folder name")
@@ -483,6 +529,8 @@ def read_inputs(cfg: Config):
     if cfg.resume and not previous:
         raise InputError(f"--resume: no checkpoint in '{out / 'checkpoints'}' -- run once without --resume first")
     effects, general = read_teachers(cfg.teachers, cfg.batch_size), []
+    old, replayed = read_init(cfg, effects) if cfg.init else ([], [])
+    effects = replayed + effects
     if cfg.general:
         folder = Path(cfg.general)
         if not folder.is_dir():
@@ -495,7 +543,7 @@ def read_inputs(cfg: Config):
         if not e.images and not general:
             raise InputError(f"effect '{e.name}' has no images/ folder and there is no --general folder "
                              f"to borrow source images from -- add one of them")
-    return effects, general
+    return effects, general, old
 
 
 def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
@@ -553,7 +601,6 @@ class TeacherBank:
     teacher rank over the union of teacher modules and scale 1. Swapping in a rank-r teacher is exact: A -> first r rows
     of A_slot, scale*B -> first r columns of B_slot, zeros elsewhere, so (B_slot A_slot) x = scale (B A) x."""
     def __init__(self, effects: list, pipe, cache: Path):
-        from peft import LoraConfig
         self.effects, self.active = effects, None
         base_tag = hashlib.sha256(repr(sorted(pipe.transformer.config.items())).encode()).hexdigest()[:8]
         self.hashes = [file_hash(e.lora_file) for e in effects]  # content hashes: a changed file is a new teacher
@@ -603,18 +650,19 @@ class Route:
 
 
 class Router:
-    """Each period of `route_every` steps is the effect stream with probability p_switch (a uniformly drawn effect,
-    whose LoRA becomes the teacher), else the general stream (teacher = base); without --general data, always the
-    effect stream. Each step draws batch_size source images. Every draw is a pure function of (seed, step): reproducible."""
+    """Each period of `route_every` steps is the effect stream with probability p_switch (a uniformly drawn effect, whose
+    LoRA becomes the teacher; a replay_p share of them one of n_old replayed effects, listed first), else the general
+    stream (teacher = base; never without --general data). Each step draws batch_size sources; all from (seed, step)."""
     def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int,
-                 batch_size: int = 1):
+                 batch_size: int = 1, n_old: int = 0, replay_p: float = 0.0):
         self.n_effects, self.pool_sizes, self.n_general, self.batch_size = n_effects, pool_sizes, n_general, batch_size
-        self.p_switch, self.route_every, self.seed = p_switch, route_every, seed
+        self.p_switch, self.route_every, self.seed, self.n_old, self.replay_p = p_switch, route_every, seed, n_old, replay_p
 
     def route(self, step: int) -> Route:
         period = random.Random(f"{self.seed}/period/{step // self.route_every}")
         effect_stream = self.n_general == 0 or period.random() < self.p_switch
-        effect = period.randrange(self.n_effects) if effect_stream else -1
+        effect = -1 if not effect_stream else period.randrange(self.n_effects) if not self.n_old else (
+            period.randrange(self.n_old) if period.random() < self.replay_p else self.n_old + period.randrange(self.n_effects - self.n_old))
         pool = self.pool_sizes[effect] if effect_stream else self.n_general
         draw = random.Random(f"{self.seed}/step/{step}")
         return Route("effect" if effect_stream else "general", effect, tuple(draw.randrange(pool) for _ in range(self.batch_size)))
@@ -641,29 +689,33 @@ def random_trigger(rng: random.Random, name: str) -> str:
     return f"<{rng.randrange(10000):04d}_{name}_{letters}{rng.randrange(10000):04d}>"
 
 
-def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: bool = True) -> dict:
-    """Give every effect without a trigger one that keeps the student prompts as close to mutually orthogonal as
-    possible: greedily, each effect takes the candidate that minimises the largest cosine to the prompts chosen so far.
-    Fills e.trigger / e.student_prompt in place; returns the largest pairwise cosine of the naive choice (first
-    candidate) and of the chosen one. aop False is the paper's "w/o AOP" ablation: student prompt = instruction."""
+def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: bool = True, others: list = ()) -> dict:
+    """Give every effect without a trigger one that keeps the student prompts as close to mutually orthogonal as possible:
+    greedily, the candidate that minimises the largest cosine to the prompts chosen so far and to `others` (prompts the
+    student knows, --init; not theirs among themselves, a constant that would tie every candidate). Fills e.trigger /
+    e.student_prompt; returns the largest pairwise cosine of the naive (first) and the chosen candidates. aop False is
+    the paper's "w/o AOP" ablation: student prompt = instruction."""
     rng, naive, chosen = random.Random(f"{seed}/triggers"), [], []
     empty = prompt_embedding(pipe, "")  # subtracted, so the shared chat template does not dominate the cosine
+    known = [prompt_embedding(pipe, p) - empty for p in others]
     for e in effects:
         if not aop:  # an ablation: the effect.json's trigger and student_prompt are ignored too
             e.trigger, e.student_prompt = "", e.instruction
         fixed = e.trigger or e.student_prompt  # set by the user's effect.json
         pool = [e.trigger] if fixed else [random_trigger(rng, e.name) for _ in range(candidates)]
         embs = [prompt_embedding(pipe, e.student_prompt or f"{t} {e.instruction}") - empty for t in pool]
-        worst = [max_pairwise_cosine(torch.stack(chosen + [x])) for x in embs]
+        worst = [max([max_pairwise_cosine(torch.stack(chosen + [x]))] + [F.cosine_similarity(x, k, 0).item() for k in known])
+                 for x in embs]
         best = min(range(len(pool)), key=worst.__getitem__)  # the first one while nothing is chosen
         e.trigger = pool[best]
         naive.append(embs[0])
         chosen.append(embs[best])
     for e in effects:  # earlier effects are filled in; a later one is empty or set by its effect.json
         e.student_prompt = e.student_prompt or f"{e.trigger} {e.instruction}"
-        if aop and (twin := next(o for o in effects if o.student_prompt == e.student_prompt)) is not e:
-            raise InputError(f"effects '{twin.name}' and '{e.name}' have the same student prompt "
-                             f"'{e.student_prompt}' -- give one of them its own trigger or student_prompt")
+        if aop and ((twin := next(o for o in effects if o.student_prompt == e.student_prompt)) is not e
+                    or e.student_prompt in others):
+            raise InputError(f"effects '{twin.name if twin is not e else 'of --init'}' and '{e.name}' have the same "
+                             f"student prompt '{e.student_prompt}' -- give one of them its own trigger or student_prompt")
     shared = sum(n for n in collections.Counter(e.student_prompt for e in effects).values() if n > 1)
     if shared:  # without AOP, effects with one instruction share one prompt: what the ablation measures
         print(f"warning: --no-aop: {shared} of {len(effects)} effects share their student prompt with another effect")
@@ -749,11 +801,11 @@ def stack(inputs: list, device) -> EditInputs:
                       torch.cat([c.image_latents for c in inputs]), inputs[0].img_shapes * len(inputs)).to(device)
 
 
-def prepare(pipe, cfg: Config, effects: list, general: list):
+def prepare(pipe, cfg: Config, effects: list, general: list, others: list = ()):
     """Everything before the loop: AOP triggers, the teacher slot, every input encoded, every teacher target computed."""
     pipe.set_progress_bar_config(disable=True)
     teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)  # the teachers sample with the base's own
-    aop = choose_triggers(pipe, effects, cfg.seed, aop=cfg.aop)  # may still refuse the input: before anything is written
+    aop = choose_triggers(pipe, effects, cfg.seed, aop=cfg.aop, others=others)  # may still refuse the input: before anything is written
     bank = TeacherBank(effects, pipe, cfg.cache)
     return bank, EditData(pipe, effects, general, bank, cfg, teacher_scheduler), aop
 
@@ -866,16 +918,12 @@ def apply_update(loss, optimiser, clip: float) -> bool:
 
 
 def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic, cfg: Config, gen, autocast) -> dict:
-    """Student every gen_every steps (DMD2 two time-scale rule), then the critic, on the same batch. During a warm
-    start (step < cfg.warmup) the student learns by flow matching on the teacher outputs alone, every effect step, and
-    the critic waits; then the critic starts as a copy of the student. Returns the losses; "skipped" lists updates
-    dropped for a non-finite loss."""
+    """Student every gen_every steps (DMD2 two time-scale rule), then the critic, on the same batch. During a warm start
+    (step < cfg.warmup) the student does flow matching on the teacher outputs alone, every effect step, and the critic
+    waits; then it starts as a copy of the student. Returns the losses; "skipped": updates dropped as non-finite."""
     logs, skipped, warm = {}, [], step < cfg.warmup
     if step == cfg.warmup > 0:  # the warm start ends: the fake score starts as the student's own model
-        params = dict(transformer.named_parameters())
-        with torch.no_grad():
-            for n in (n for n in params if ".critic." in n):
-                params[n].copy_(params[n.replace(".critic.", ".student.")])
+        copy_adapter(transformer, "student", "critic")
     if warm and b.target is None:  # no teacher output on the general stream: nothing to learn from
         return {"skipped": skipped}
     if warm or step % cfg.gen_every == 0:
@@ -918,7 +966,6 @@ def deferred_signals():
 def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, gen, keep: int):
     """Everything needed to continue bit-exactly: both LoRAs, both optimisers and the RNG (the router
     needs nothing: its draws are a function of the step), written atomically; keeps the last `keep`."""
-    from peft.utils import get_peft_model_state_dict
     state = {"step": step, "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(), "gen": gen.get_state()}
     for name in ("student", "critic"):
         state[name] = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
@@ -931,7 +978,6 @@ def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_criti
 
 def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> int:
     """Restore a save_checkpoint() file in place; returns its step."""
-    from peft.utils import set_peft_model_state_dict
     state = torch.load(path, weights_only=True, map_location="cpu")  # weights only: nothing is executed
     print(f"resumed from {path} at step {state['step']}")
     for name, opt in (("student", opt_student), ("critic", opt_critic)):
@@ -941,42 +987,34 @@ def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> in
     return state["step"]
 
 
-def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict) -> Path:
-    """The student for both tools: pytorch_lora_weights.safetensors (diffusers; alpha in its peft config), scheduler/
-    (the 8-step sampler), <name>_comfyui.safetensors (ComfyUI) and collectionlora.json (which file for which tool,
-    triggers and prompts, the sampler in both tools' terms)."""
-    from peft.utils import get_peft_model_state_dict
+def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict, old: list = ()) -> Path:
+    """The student for both tools: pytorch_lora_weights.safetensors (diffusers; alpha in its peft config), scheduler/ (the
+    8-step sampler), <name>_comfyui.safetensors (ComfyUI), collectionlora.json (which file for which tool, the sampler in
+    both tools' terms, every effect's prompt, an --init collection's `old` ones too, and the run that added it)."""
     out, tmp = Path(cfg.out) / "lora", Path(cfg.out) / "lora.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     sd, config = get_peft_model_state_dict(pipe.transformer, adapter_name="student"), pipe.transformer.peft_config["student"]
     type(pipe).save_lora_weights(tmp, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config.to_dict())
     student_scheduler(cfg).save_pretrained(tmp / "scheduler")
     # ComfyUI maps "diffusion_model.<module>" for every model (model_lora_keys_unet in comfy/lora.py; its QwenImage branch
-    # shows that ComfyUI's Qwen module names are diffusers'), reads lora_up/lora_down and scales them by the module's
-    # ".alpha" / rank (no ".alpha": scale 1, so alpha != rank would load at the wrong strength). One alpha: no patterns.
-    comfy, comfy_file = {}, f"{Path(cfg.out).resolve().name}_comfyui.safetensors"
-    for key in (k for k in sd if k.endswith(".lora_A.weight")):
-        module = "diffusion_model." + key.removesuffix(".lora_A.weight")
-        comfy |= {f"{module}.lora_down.weight": sd[key], f"{module}.alpha": torch.tensor(float(config.lora_alpha)),
-                  f"{module}.lora_up.weight": sd[key.replace(".lora_A.", ".lora_B.")]}
-    save_file({k: v.contiguous() for k, v in comfy.items()}, str(tmp / comfy_file))
-    steps, shift = cfg.student_steps, cfg.shift
+    # shows its Qwen module names are diffusers'), scaled by the module's ".alpha" / rank (none: 1, the wrong strength)
+    comfy_file = f"{Path(cfg.out).resolve().name}_comfyui.safetensors"
+    comfy = {f"diffusion_model.{k.rsplit('.', 2)[0]}.lora_{'down' if '.lora_A.' in k else 'up'}.weight": v for k, v in sd.items()}
+    alphas = {k.replace(".lora_down.weight", ".alpha"): torch.tensor(float(config.lora_alpha)) for k in comfy if "_down." in k}
+    save_file({k: v.contiguous() for k, v in comfy.items()} | alphas, str(tmp / comfy_file))  # one alpha: no patterns
+    steps, shift, added_by = cfg.student_steps, cfg.shift, {o["name"]: o["added_by"] for o in old}
+    entries = [o for o in old if o["name"] not in {e.name for e in effects}] + [
+        {"name": e.name, "trigger": e.trigger, "student_prompt": e.student_prompt, "teacher_instruction": e.instruction,
+         "teacher_sha256_16": h, "added_by": added_by.get(e.name, cfg.out)} for e, h in zip(effects, bank.hashes)]
     meta = {"base": cfg.base, "paper": "arXiv 2605.25378",
-            "files": {"diffusers": "pytorch_lora_weights.safetensors: pipe.load_lora_weights(this folder)",
-                      "diffusers_scheduler": "scheduler/: FlowMatchEulerDiscreteScheduler.from_pretrained(this folder, "
-                                             "subfolder='scheduler')", "comfyui": f"{comfy_file}: models/loras/"},
-            "prompts": {e.name: e.student_prompt for e in effects},
+            "files": {"diffusers": "pytorch_lora_weights.safetensors + scheduler/", "comfyui": comfy_file}, "effects": entries,
+            "prompts": {e["name"]: e["student_prompt"] for e in entries},
             "sampler": {"num_inference_steps": steps, "true_cfg_scale": 1.0, "scheduler": "scheduler/",
                         "sigmas": [round(s, 6) for s in student_sigmas(steps, shift).tolist()]},
-            # ComfyUI's lcm sampler is x0 then noise_scaling(sigma_next) = sigma_next noise + (1 - sigma_next) x0, ours; its
-            # simple scheduler on ModelSamplingAuraFlow's table shift(i / 1000) gives shift(1 - x / steps) when 1000 % steps == 0
-            "comfyui": {"file": comfy_file, "loader": "LoraLoaderModelOnly", "strength_model": 1.0,
-                        "model_sampling": {"node": "ModelSamplingAuraFlow", "shift": shift},
-                        "ksampler": {"sampler_name": "lcm", "scheduler": "simple", "steps": steps, "cfg": 1.0, "denoise": 1.0},
-                        "sigmas_exact": 1000 % steps == 0},
-            "effects": [{"name": e.name, "trigger": e.trigger, "student_prompt": e.student_prompt,
-                         "teacher_instruction": e.instruction, "teacher_sha256_16": h}
-                        for e, h in zip(effects, bank.hashes)],
+            # ComfyUI's lcm: x0, then sigma' noise + (1 - sigma') x0 (ours); simple on the shifted table: student_sigmas
+            "comfyui": {"file": comfy_file, "loader": "LoraLoaderModelOnly", "strength_model": 1.0, "sigmas_exact": 1000 % steps == 0,
+                        "model_sampling": {"node": "ModelSamplingAuraFlow", "shift": shift}, "ksampler": {
+                            "sampler_name": "lcm", "scheduler": "simple", "steps": steps, "cfg": 1.0, "denoise": 1.0}},
             "versions": {"python": sys.version.split()[0]} | {m: importlib.import_module(m).__version__
                                                              for m in ("torch", "diffusers", "peft", "transformers")},
             "config": dataclasses.asdict(cfg), **extra}
@@ -1001,15 +1039,12 @@ def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | No
 
 
 def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 2) -> Path:
-    """<out>/preview.png, a row per effect (the first `rows`, named on the left) on its first source image, `gap` px
-    apart, columns titled: the source as resized | the teacher's cached target | the student (stock pipeline, seed
-    cfg.seed); small pictures enlarged."""
-    from PIL import ImageDraw
+    """<out>/preview.png: a row per effect (the first `rows`, named) on its first source, `gap` px apart, columns titled:
+    the source as resized | the teacher's cached target | the student (stock pipeline, seed cfg.seed), enlarged."""
     use_adapter(pipe.transformer, "student")
     cells = []  # per row: source | teacher | student, at the pipeline's output size
     for i, e in enumerate(data.effects[:rows]):
-        path = data.pools[i][0]
-        image = Image.open(path).convert("RGB")
+        image = Image.open(path := data.pools[i][0]).convert("RGB")
         _, (w, h) = _qwen_sizes(image)
         student = sample(pipe, image, e.student_prompt, cfg.student_steps, cfg.seed, output_type="latent")
         cells.append([pipe.image_processor.resize(image, h, w), decode(pipe, data.targets[i, path], w, h),
@@ -1036,17 +1071,17 @@ def train(cfg: Config) -> Path:
     """Distil the --teachers folder into one student LoRA; returns the exported LoRA folder."""
     check_config(cfg)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if cuda := device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    effects, general = read_inputs(cfg)
+    effects, general, old = read_inputs(cfg)
     ckpt_dir = Path(cfg.out) / "checkpoints"
 
     # --- models: ONE base transformer carries the teacher slot, the student and the critic ---
     pipe = load_pipeline(cfg.base, device, torch.bfloat16 if cuda else torch.float32, cfg.seed)  # fp32 on CPU
     transformer = pipe.transformer.requires_grad_(False)
     with image_sizes(cfg):
-        bank, data, aop = prepare(pipe, cfg, effects, general)  # the last step that may refuse the input
+        others = [o["student_prompt"] for o in old if o["name"] not in {e.name for e in effects}]
+        bank, data, aop = prepare(pipe, cfg, effects, general, others)  # the last step that may refuse the input
     if cfg.overwrite:  # only now: a refused run leaves the previous one intact
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         shutil.rmtree(Path(cfg.out) / "lora", ignore_errors=True)
@@ -1064,7 +1099,7 @@ def train(cfg: Config) -> Path:
     opt_student = torch.optim.AdamW(adapter_params(transformer, "student"), cfg.lr, betas, weight_decay=cfg.weight_decay)
     opt_critic = torch.optim.AdamW(adapter_params(transformer, "critic"), cfg.critic_lr, betas, weight_decay=cfg.weight_decay)
     router = Router(len(effects), [len(p) for p in data.pools], len(general), cfg.p_switch, cfg.route_every, cfg.seed,
-                    cfg.batch_size)
+                    cfg.batch_size, sum(e.name in {o["name"] for o in old} for e in effects), cfg.replay_p)
     gen, autocast = torch.Generator(device).manual_seed(cfg.seed), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
     start = load_checkpoint(max(ckpt_dir.glob("step_*.pt")), transformer, opt_student, opt_critic, gen) if cfg.resume else 0
@@ -1106,14 +1141,13 @@ def train(cfg: Config) -> Path:
     counts = collections.Counter(router.route(step).effect for step in range(cfg.max_steps))  # draws need no state
     visits = {e.name: counts[i] for i, e in enumerate(effects)} | {"general": counts[-1]}
     out = export_lora(pipe, cfg, effects, bank, {"aop": aop, "router_visits": visits,
-                                                 "distance_to_teacher": {"before": before, "after": after}})
+                                                 "distance_to_teacher": {"before": before, "after": after}}, old)
     del opt_student, opt_critic  # free Adam's moments and the gradients: the preview needs the encoders back on the device
     transformer.zero_grad(set_to_none=True)
     with image_sizes(cfg):
         preview = write_preview(pipe.to(device), cfg, data)
-    print("student 8-step output vs teacher output (latent MSE), before -> after:")
-    for e, b0, b1 in zip(effects, before, after):
-        print(f"  {e.name:24s} {b0:.4f} -> {b1:.4f}   prompt: {e.student_prompt!r}")
+    print("student 8-step output vs teacher output (latent MSE), before -> after:\n" + "\n".join(
+        f"  {e.name:24s} {b0:.4f} -> {b1:.4f}   prompt: {e.student_prompt!r}" for e, b0, b1 in zip(effects, before, after)))
     print(f"router visits: {visits}")
     print(f"wrote {preview} -- one row per effect (first 16): source | teacher output | student "
           f"{cfg.student_steps}-step output (student prompt, seed {cfg.seed})")

@@ -2,6 +2,7 @@
 
     pytest -q test_collectionlora.py
 """
+import collections
 import contextlib
 import json
 import os
@@ -588,6 +589,54 @@ def test_comfyui_lcm_with_the_simple_schedule_is_the_student_sampler(exported_al
     torch.testing.assert_close(x, reference, rtol=0, atol=1e-5)
 
 
+# ---- extending a collection: --init, --replay ----
+
+def test_an_exported_student_reloads_as_init_exactly(teachers, trained):
+    out, lora = trained
+    pipe = cl.build_tiny_pipeline(0)
+    cl.add_trainable_adapters(pipe.transformer, tiny_config(teachers, out, init=str(lora)))
+    stock = cl.build_tiny_pipeline(0)
+    cl.load_student(stock, lora)
+    expected = transformer_out(stock.transformer)
+    for adapter in ("student", "critic"):  # before any step: the exported student, and the critic starts as it
+        cl.use_adapter(pipe.transformer, adapter)
+        torch.testing.assert_close(transformer_out(pipe.transformer), expected, rtol=0, atol=1e-6)  # float rounding
+    assert (expected - transformer_out(cl.build_tiny_pipeline(0).transformer)).abs().max() > 1e-3  # the LoRA matters
+
+
+def test_extending_keeps_the_old_prompts_and_records_which_run_added_each_effect(teachers, trained, tmp_path):
+    out, lora = trained
+    new = tmp_path / "new"
+    make_tiny_teachers(new, None, n_images=1, effects=[("blur", "Blur the picture", 4, 4.0)])
+    shutil.copytree(teachers / "teachers" / "glow", tmp_path / "replay" / "glow")
+    cfg = tiny_config(teachers, tmp_path / "ext", teachers=str(new), init=str(lora), replay=str(tmp_path / "replay"),
+                      max_steps=4, p_switch=1.0, replay_p=0.5)
+    meta = json.loads((cl.train(cfg) / "collectionlora.json").read_text())
+    before = {e["name"]: e for e in json.loads((lora / "collectionlora.json").read_text())["effects"]}
+    after = {e["name"]: e for e in meta["effects"]}
+    assert set(after) == set(before) | {"blur"}
+    for name, e in before.items():
+        assert (after[name]["trigger"], after[name]["student_prompt"], after[name]["added_by"]) == \
+            (e["trigger"], e["student_prompt"], str(out)), name
+    assert after["blur"]["added_by"] == cfg.out and after["blur"]["trigger"] not in {e["trigger"] for e in before.values()}
+    assert meta["prompts"] == {name: e["student_prompt"] for name, e in after.items()}
+    assert set(meta["router_visits"]) == {"glow", "blur", "general"}  # the replayed effect is trained on, by its old prompt
+    visits = collections.Counter(cl.Router(2, [1, 1], 0, 1.0, 1, 0, 1, 1, 0.25).route(s).effect for s in range(4000))
+    assert abs(visits[0] / 4000 - 0.25) < 0.03  # replay_p: the replayed (first) effect's share of the effect periods
+
+
+def test_new_triggers_avoid_the_prompts_the_student_already_knows(teachers):
+    pipe = cl.build_tiny_pipeline(0)
+    known = [f"<{i:04d}_old_Ab{i:04d}> Turn it into a sketch" for i in range(6)]
+    empty = cl.prompt_embedding(pipe, "")
+    worst = lambda p: max(torch.nn.functional.cosine_similarity(cl.prompt_embedding(pipe, p) - empty,
+                                                                cl.prompt_embedding(pipe, k) - empty, 0).item() for k in known)
+    alone, aware = (cl.read_teachers(teachers / "teachers")[:1] for _ in range(2))
+    cl.choose_triggers(pipe, alone, seed=0)
+    cl.choose_triggers(pipe, aware, seed=0, others=known)
+    assert alone[0].trigger != aware[0].trigger and worst(aware[0].student_prompt) < worst(alone[0].student_prompt)
+
+
 def lora_tensors(lora_dir: Path) -> dict:
     return load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
 
@@ -676,6 +725,21 @@ def same_trigger(root: Path) -> list:
     return []
 
 
+def old_export(root: Path, rank: int = 4, base: str = "tiny", name: str = "old_fx", trigger: str = "<old>") -> list:
+    """--init pointing at an export's files (a collectionlora.json like a rank-4, alpha-128 tiny run writes)."""
+    folder = make_folder(root / "old")
+    save_file({}, str(folder / "pytorch_lora_weights.safetensors"))
+    (folder / "collectionlora.json").write_text(json.dumps({"base": base, "effects": [
+        {"name": name, "trigger": trigger, "student_prompt": f"{trigger} Do the old thing"}], "config": {
+        "rank": rank, "alpha": 128.0, "target_modules": list(cl.QWEN_TARGET_MODULES), "out": "runs/old"}}))
+    return ["--init", str(folder)]
+
+
+def trigger_of(root: Path, effect: str, trigger: str) -> Path:
+    (root / "teachers" / effect / "effect.json").write_text(json.dumps({"instruction": effect, "trigger": trigger}))
+    return root
+
+
 Q = "transformer.transformer_blocks.0.attn.to_q"  # a module of the tiny base: Linear(48, 48)
 BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags; the message expected)
     "teachers missing": (lambda r: ["--teachers", ""], "--teachers is required"),
@@ -719,6 +783,18 @@ BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags;
     "negative warmup": (lambda r: ["--warmup=-5"], "--warmup -5 is invalid"),
     "not a number": (lambda r: ["--max_steps", "ten"], "argument --max_steps: invalid int value: 'ten'"),
     "base folder is not a pipeline": (lambda r: ["--base", str(r / "general")], "is not a diffusers pipeline folder"),
+    "init not an export": (lambda r: ["--init", str(r / "general")], "--init '"),
+    "init for another base": (lambda r: old_export(r, base="Qwen/Qwen-Image-Edit-2509"),
+                              "was made with --base Qwen/Qwen-Image-Edit-2509, this run has tiny"),
+    "init for another rank": (lambda r: old_export(r, rank=8), "was made with --rank 8, this run has 4"),
+    "new effect named like an old one": (lambda r: old_export(r, name="ink_sketch"),
+                                         "new effect 'ink_sketch' collides with 'ink_sketch' of --init"),
+    "new trigger collides with an old one": (lambda r: old_export(trigger_of(r, "neon_edges", "<old>")),
+                                             "new effect 'neon_edges' collides with 'old_fx' of --init"),
+    "replay without init": (lambda r: ["--replay", str(r / "teachers")], "--replay needs --init"),
+    "replay of an effect not in init": (lambda r: old_export(r) + ["--replay", str(r / "teachers")],
+                                        "--replay effect 'ink_sketch' is not in the --init collection (old_fx)"),
+    "replay_p above 1": (lambda r: ["--replay_p", "2"], "--replay_p 2.0 is invalid"),
 }
 
 

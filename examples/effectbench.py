@@ -84,6 +84,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import collectionlora as cl
@@ -788,8 +789,9 @@ def stage_teachers(world: World, effects: list, base: Path, folder: Path, genera
                           p, empty, steps, 3e-3, seed + k, what=f"teacher {e.name} (r{rank})")
         tmp = folder / (e.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        config = pipe.transformer.peft_config[e.name].to_dict()  # target_modules is a set: sorted, so files repeat byte for byte
         type(pipe).save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name=e.name),
-                                     transformer_lora_adapter_metadata=pipe.transformer.peft_config[e.name].to_dict(),
+                                     transformer_lora_adapter_metadata=config | {"target_modules": sorted(config["target_modules"])},
                                      weight_name=f"{e.name}.safetensors")
         pipe.transformer.delete_adapters(e.name)
         (tmp / "images").mkdir()
@@ -1339,6 +1341,8 @@ DISTIL_KNOBS = {"rank": 64, "alpha": 64, "lr": 1e-3, "critic_lr": 1e-3, "beta1":
 # Regression reaches the teachers' fidelity at a tenth of the cost of the full objective; DMD then adds their modes.
 WARMUP_PER_EFFECT = 1500
 # The paper's ablations, each one knob away from the full method (w/o TA-FM: no flow matching on teacher outputs at all)
+# --extend K: per new effect, warm-start and full-objective iterations (a fresh run: 1,500 and 375 per effect, for all)
+EXTEND_WARMUP_PER_NEW, EXTEND_FULL_PER_NEW = 2000, 250
 ABLATIONS = {"no_pdsr": {"p_switch": 1.0}, "no_aop": {"aop": False}, "no_ts": {"w_ts": 0.0}, "no_tafm": {"w_fm": 0.0, "warmup": 0}}
 
 
@@ -1391,6 +1395,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.0, help="teacher CFG g for the real score, the teacher targets and "
                    "the 'vs teacher' reference: these teachers need none (g = 1 and 2 score alike, g = 5 worst), and at g = 1 "
                    "their outputs keep their modes (the README's convergence notes)")
+    p.add_argument("--extend", type=int, default=0, help="add the next K registry effects to the --effects N student "
+                   "(collectionlora --init) and compare with a fresh N+K run; both runs must exist (README, issue 13)")
+    p.add_argument("--replay_p", type=float, default=cl.Config.replay_p, help="--extend: the share of effect periods that "
+                   "replay the N old teachers (0: no replay, only the general stream protects them)")
     p.add_argument("--export_toy", default="", help="write the embedded default collection (base + 8 teachers + Lightning) "
                    "to this folder and stop")
     return p
@@ -1414,9 +1422,9 @@ def benchmark(effects: dict, seed: int = 0, **options) -> dict:
     return run(spec, args)
 
 
-def run(spec: dict, args) -> dict:
-    """world -> base -> teachers -> the students (distil, ablations, Lightning, FM, merges) -> measure -> report."""
-    t_start = time.time()
+def setup(spec: dict, args):
+    """world -> base -> teachers (the first stages of run() and extend()): (world, root, base, info, tag, teachers,
+    general, toy_base), or None once --export_toy has written the embedded collection."""
     names = list(spec)
     reg = effect_registry()
     root = Path(args.root) / f"seed{args.seed}"
@@ -1438,7 +1446,7 @@ def run(spec: dict, args) -> dict:
     if args.export_toy:
         export_toy(build_world({n: reg[n] for n in TOY_EFFECTS}, args.seed), base, Path(args.export_toy), args.teacher_steps,
                    args.seed, args.lightning_steps, root / f"export_lightning_{args.lightning_steps}")
-        return {}
+        return None
     registry_prefix = names == list(reg)[: len(names)] and all(spec[n][0] == reg[n][0] for n in names)
     toy_base = base.resolve() == (TOY / "base").resolve()
     tag = ("quick" if args.quick else f"n{len(effects)}") + f"_t{args.teacher_steps}" + ("_toy" if toy_base else "")
@@ -1454,10 +1462,27 @@ def run(spec: dict, args) -> dict:
     stage_teachers(world, effects, base, teachers, general, args.teacher_steps, args.seed)  # cached by now
     # the exact user path: the folder is read by collectionlora's own reader
     assert [e.name for e in cl.read_teachers(teachers)] == sorted(names)
+    return world, root, base, info, tag, teachers, general, toy_base
+
+
+def distil_plan(n_effects: int, args) -> tuple:
+    """(warm-start iterations, all iterations, the folder name) of the distillation of n effects."""
+    warmup = WARMUP_PER_EFFECT * n_effects if args.warmup_steps is None else args.warmup_steps
+    steps = warmup + (args.distil_steps or 1500 * math.ceil(n_effects / 4))
+    return warmup, steps, f"distil_w{warmup}_{steps}_g{args.guidance:g}"
+
+
+def run(spec: dict, args) -> dict:
+    """world -> base -> teachers -> the students (distil, ablations, Lightning, FM, merges) -> measure -> report."""
+    t_start, names = time.time(), list(spec)
+    stages = setup(spec, args)
+    if stages is None:
+        return {}
+    world, root, base, info, tag, teachers, general, toy_base = stages
+    effects = world.effects
 
     # the students: CollectionLoRA, its ablations, the Lightning LoRA (general stream only), the FM LoRA, the merges
-    warmup = WARMUP_PER_EFFECT * len(names) if args.warmup_steps is None else args.warmup_steps
-    distil_steps = warmup + (args.distil_steps or 1500 * math.ceil(len(names) / 4))
+    warmup, distil_steps, distil_name = distil_plan(len(names), args)
     every = args.curve_every or max(distil_steps // 6, 1)  # a checkpoint per point of the convergence curve
     knobs = DISTIL_KNOBS | {"max_steps": distil_steps, "warmup": warmup, "guidance": args.guidance, "log_every": 250,
                             "save_every": every, "keep_checkpoints": distil_steps // every + 1}
@@ -1466,7 +1491,7 @@ def run(spec: dict, args) -> dict:
         ablations = []
     else:
         ablations = list(ABLATIONS) if chosen in (None, True, []) else list(chosen)
-    students = {name: (root / tag / (f"distil_w{warmup}_{distil_steps}_g{args.guidance:g}" + ("" if name == "collectionlora" else "_" + name)),
+    students = {name: (root / tag / (distil_name + ("" if name == "collectionlora" else "_" + name)),
                        knobs | change | {"max_steps": distil_steps - warmup + change.get("warmup", warmup)})  # same full steps
                 for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]}
     embedded_lightning = toy_base and (TOY / "lightning").is_dir()  # distilled from that base
@@ -1564,6 +1589,91 @@ def run(spec: dict, args) -> dict:
     return result
 
 
+def extend(reg: dict, n: int, k: int, args) -> dict:
+    """--extend K: the N-effect student learns registry effects N+1 .. N+K in one collectionlora --init run (the N old
+    teachers replayed at --replay_p; 0: not at all), measured against the N-effect student before it and a fresh N+K
+    distillation (both from earlier runs of this script). The extension reuses the old run's cache (its teachers'
+    targets), as a user who kept it would."""
+    names = list(reg)[: n + k]
+    world, root, base, info, tag, teachers, general, toy_base = setup({m: reg[m] for m in names}, args)
+    old_names, new_names = names[:n], names[n:]
+    students, metas = {}, {}
+
+    def student(m: int, label: str) -> None:  # the student of an earlier run of this script with --effects m
+        students[label] = root / f"n{m}_t{args.teacher_steps}{'_toy' if toy_base else ''}" / distil_plan(m, args)[2] / "lora"
+        if not (students[label] / "collectionlora.json").is_file():
+            raise cl.InputError(f"--extend {k} needs the {m}-effect student {students[label]} -- run this script with "
+                                f"--effects {m} and without --extend first (the same --base, --seed, --guidance)")
+        metas[label] = json.loads((students[label] / "collectionlora.json").read_text())
+    student(n, "ext_before")
+    old_teachers = students["ext_before"].parent.parent / "teachers"  # the files the old student learned from
+    for m in old_names:  # the fresh run's teachers must be the same LoRAs (their files' metadata may list sets in any order)
+        a, b = (load_file(str(t / m / f"{m}.safetensors")) for t in (old_teachers, teachers))
+        if a.keys() != b.keys() or any(not torch.equal(a[x], b[x]) for x in a):
+            raise RuntimeError(f"{old_teachers / m} and {teachers / m} differ -- the runs are not comparable")
+    work = root / tag / f"extend_{n}+{k}"
+    for group, members, folder in (("new", new_names, teachers), ("replay", old_names, old_teachers)):  # links
+        for m in members:
+            if not (work / group / m).exists():
+                (work / group).mkdir(parents=True, exist_ok=True)
+                (work / group / m).symlink_to((folder / m).resolve(), target_is_directory=True)
+    warmup, steps = EXTEND_WARMUP_PER_NEW * k, (EXTEND_WARMUP_PER_NEW + EXTEND_FULL_PER_NEW) * k
+    out = work / f"w{warmup}_{steps}_g{args.guidance:g}_replay{args.replay_p:g}"
+    knobs = DISTIL_KNOBS | {"max_steps": steps, "warmup": warmup, "guidance": args.guidance, "log_every": 250,
+                            "save_every": steps, "init": str(students["ext_before"]), "replay_p": args.replay_p,
+                            "replay": str(work / "replay") if args.replay_p > 0 else "",
+                            "cache_dir": str(students["ext_before"].parent / "cache")}
+    metas["ext_after"] = stage_distil(work / "new", general, base, out, args.seed, **knobs)
+    students["ext_after"] = out / "lora"
+    student(n + k, "ext_fresh")
+    prompts = student_prompts(students["ext_after"])
+    if any(prompts[m] != student_prompts(students["ext_before"])[m] for m in old_names):
+        raise RuntimeError("the extension changed an old effect's student prompt -- read_init must keep them")
+
+    reference = f"teacher_40_g{args.guidance:g}"
+    methods = {reference: Method(lambda e: [e.name], None, args.guidance),
+               "before_8": Method(lambda e: ["ext_before"], prompts), "extended_8": Method(lambda e: ["ext_after"], prompts),
+               "fresh_8": Method(lambda e: ["ext_fresh"], student_prompts(students["ext_fresh"]))}
+    pipe = load_all(base, world.effects, teachers, students)
+    ev = evaluate(world, world.effects, pipe, methods, args.seeds, reference)
+    rows = {g: summarise({m: ev["results"][m] for m in members}, list(methods)) for g, members in (("old", old_names),
+                                                                                                 ("new", new_names))}
+    o, w = rows["old"], rows["new"]
+    seconds = {"extended_8": metas["ext_after"]["seconds"], "fresh_8": metas["ext_fresh"].get("seconds")}
+    goals = {"old effects lose at most 0.5 dB": o["extended_8"]["psnr_valid"] >= o["before_8"]["psnr_valid"] - 0.5,
+             "old effects' BCR rises by at most 0.05": o["extended_8"]["bad_case"] <= o["before_8"]["bad_case"] + 0.05,
+             "new effects within 1 dB of the fresh run": w["extended_8"]["psnr_valid"] >= w["fresh_8"]["psnr_valid"] - 1,
+             "at most a quarter of the fresh run's time": seconds["fresh_8"] is not None and
+                                                          seconds["extended_8"] <= seconds["fresh_8"] / 4}
+    cell = lambda r: f"{r['psnr_valid']:.2f} | {r['psnr_vs_teacher']:.2f} | {r['bad_case']:.3f}" if r["psnr_vs_teacher"] < 99 \
+        else f"{r['psnr_valid']:.2f} | reference | {r['bad_case']:.3f}"
+    lines = [f"Extending the {n}-effect student by {k} effects ({', '.join(new_names)}); {args.seeds} seeds x "
+             f"{len(world.test)} held-out sources; replay_p {args.replay_p:g}; {warmup} warm-up + {steps - warmup} full "
+             f"iterations", "", "| student | old: PSNR valid (dB) | old: vs teacher | old: BCR | new: PSNR valid (dB) | "
+             "new: vs teacher | new: BCR | distillation s |", "|---|---|---|---|---|---|---|---|"]
+    for m, label in ((reference, "teachers"), ("before_8", f"{n} effects, before"), ("extended_8", f"{n} + {k}, extended"),
+                     ("fresh_8", f"{n + k} effects, fresh")):
+        new_cell = "– | – | –" if m == "before_8" else cell(w[m])  # the old student never learned the new effects
+        secs = f"{seconds[m]:.0f}" if seconds.get(m) else "–"
+        lines.append(f"| {label} | {cell(o[m])} | {new_cell} | {secs} |")
+    lines += ["", "| effect | group | before | extended | fresh | teacher |", "|---|---|---|---|---|---|"]
+    for m in names:
+        r = ev["results"][m]
+        lines.append(f"| {m} | {'old' if m in old_names else 'new'} | " + " | ".join(
+            "–" if (x == "before_8" and m in new_names) else f"{r[x]['psnr_valid']:.2f}"
+            for x in ("before_8", "extended_8", "fresh_8", reference)) + " |")
+    lines += ["", "Goals (issue 13):", ""] + [f"- [{'x' if ok else ' '}] {g}" for g, ok in goals.items()]
+    print("\n" + "\n".join(lines))
+    report = work / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    (report / f"{out.name}.md").write_text("\n".join(lines) + "\n")
+    result = {"rows": rows, "per_effect": ev["results"], "seconds": seconds, "goals": goals, "knobs": knobs,
+              "old": old_names, "new": new_names}
+    (report / f"{out.name}.json").write_text(json.dumps(result, indent=2))
+    log(f"wrote {report / out.name}.md and .json")
+    return result
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -1574,9 +1684,13 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs} is below 1 -- pass the number of processes to use (1 = one at a time)", file=sys.stderr)
         return 2
+    if args.extend and (args.quick or not 1 <= args.extend <= len(reg) - args.effects):
+        print(f"error: --extend {args.extend} needs --effects N (not --quick) with N + {args.extend} <= {len(reg)} -- "
+              f"pass a smaller --extend", file=sys.stderr)
+        return 2
     names = QUICK_EFFECTS if args.quick else list(reg)[: args.effects]
     try:
-        run({n: reg[n] for n in names}, args)
+        extend(reg, args.effects, args.extend, args) if args.extend else run({n: reg[n] for n in names}, args)
     except cl.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
