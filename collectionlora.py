@@ -805,7 +805,7 @@ def prepare(pipe, cfg: Config, effects: list, general: list, others: list = ()):
     """Everything before the loop: AOP triggers, the teacher slot, every input encoded, every teacher target computed."""
     pipe.set_progress_bar_config(disable=True)
     teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)  # the teachers sample with the base's own
-    aop = choose_triggers(pipe, effects, cfg.seed, aop=cfg.aop, others=others)  # may still refuse the input: before anything is written
+    aop = choose_triggers(pipe, effects, cfg.seed, aop=cfg.aop, others=others)  # may still refuse: nothing written yet
     bank = TeacherBank(effects, pipe, cfg.cache)
     return bank, EditData(pipe, effects, general, bank, cfg, teacher_scheduler), aop
 
@@ -1136,7 +1136,7 @@ def train(cfg: Config) -> Path:
                               f"rerun the same command with {resume} to continue", 128 + signals[0])
 
     # --- everything that follows is export and diagnostics ---
-    # the untrained student (LoRA B = 0) is exactly the base, so "before" needs no stored state
+    # "before" is the base model (the untrained student, B = 0; with --init still the base, not the old student)
     before, after = (distances_to_teachers(transformer, data, sigmas, adapter) for adapter in (None, "student"))
     counts = collections.Counter(router.route(step).effect for step in range(cfg.max_steps))  # draws need no state
     visits = {e.name: counts[i] for i, e in enumerate(effects)} | {"general": counts[-1]}
@@ -1146,7 +1146,7 @@ def train(cfg: Config) -> Path:
     transformer.zero_grad(set_to_none=True)
     with image_sizes(cfg):
         preview = write_preview(pipe.to(device), cfg, data)
-    print("student 8-step output vs teacher output (latent MSE), before -> after:\n" + "\n".join(
+    print("8-step output vs teacher output (latent MSE), base model -> student:\n" + "\n".join(
         f"  {e.name:24s} {b0:.4f} -> {b1:.4f}   prompt: {e.student_prompt!r}" for e, b0, b1 in zip(effects, before, after)))
     print(f"router visits: {visits}")
     print(f"wrote {preview} -- one row per effect (first 16): source | teacher output | student "

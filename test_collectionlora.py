@@ -491,9 +491,9 @@ def exported_alpha(teachers, tmp_path_factory):
 def comfyui_unloaded_keys(lora: dict, model_keys) -> list:
     """The keys ComfyUI would leave unloaded, by its rule as read in Comfy-Org/ComfyUI: model_lora_keys_unet
     (comfy/lora.py) maps the LoRA name 'diffusion_model.<m>' to the model weight 'diffusion_model.<m>.weight' for
-    every model and release (the QwenImage branch adds '<m>' and 'transformer.<m>', the same names as diffusers');
-    load_lora then takes '<x>.alpha', and LoRAAdapter.load (comfy/weight_adapter/lora.py) '<x>.lora_up.weight' with
-    '<x>.lora_down.weight' (or lora_B / lora_A); any other key is reported as 'lora key not loaded'."""
+    every model (the generic names; only newer releases' QwenImage branch adds '<m>' and 'transformer.<m>', so those
+    are left out here); load_lora then takes '<x>.alpha', and LoRAAdapter.load (comfy/weight_adapter/lora.py)
+    '<x>.lora_up.weight' with '<x>.lora_down.weight' (or lora_B / lora_A); any other key is 'lora key not loaded'."""
     names, loaded = {"diffusion_model." + k.removesuffix(".weight") for k in model_keys if k.endswith(".weight")}, set()
     for x in names:
         for up, down in ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight")):
