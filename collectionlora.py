@@ -134,7 +134,7 @@ class Config:
     # extending a collection
     init: str = knob("", "continue from an exported student (a run's lora/): its LoRA, triggers and prompts are kept")
     replay: str = knob("", "with --init: teachers of some of its effects, replayed through the router with their old prompts")
-    replay_p: float = knob(0.25, "with --replay: the share of effect periods spent on the replayed effects (rest: new)")
+    replay_p: float = knob(0.5, "with --replay: the share of effect periods on the replayed effects (toy bench: README)")
     aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop (ablation): the teacher's instruction")
     # engineering
     log_every: int = knob(50, "one log line every N steps")
