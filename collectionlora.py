@@ -103,6 +103,9 @@ class Config:
     out: str = knob("collectionlora_out", "output folder: lora/, preview.png, checkpoints/, cache/")
     cache_dir: str = knob("", "teacher-target and LoRA cache; empty = <out>/cache")
     seed: int = knob(0, "seeds the model init, the router and all noise")
+    init: str = knob("", "continue from an exported student (a run's lora/): its LoRA, triggers and prompts are kept")
+    replay: str = knob("", "with --init: teachers of some of its effects, replayed through the router with their old prompts")
+    replay_p: float = knob(0.5, "with --replay: the share of effect periods on the replayed effects (toy bench: README)")
     # schedule (paper: 5,000 generator steps = 25,000 iterations at gen_every 5)
     max_steps: int = knob(25000, "iterations (critic updates); the student updates every gen_every")
     gen_every: int = knob(5, "DMD2 two-time-scale rule: student every 5th step, critic every step")
@@ -131,10 +134,6 @@ class Config:
     w_fm: float = knob(1.0, "weight of trajectory-anchored flow matching (paper: unweighted)")
     warmup: int = knob(0, "first iterations: flow matching on the teacher outputs at t ~ U[0, 1000) alone (cheap: no "
                             "sampling, teacher or critic); then the critic starts as the student. 0 = the paper")
-    # extending a collection
-    init: str = knob("", "continue from an exported student (a run's lora/): its LoRA, triggers and prompts are kept")
-    replay: str = knob("", "with --init: teachers of some of its effects, replayed through the router with their old prompts")
-    replay_p: float = knob(0.5, "with --replay: the share of effect periods on the replayed effects (toy bench: README)")
     aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop (ablation): the teacher's instruction")
     # engineering
     log_every: int = knob(50, "one log line every N steps")
@@ -188,8 +187,9 @@ def check_config(c: Config) -> None:
         raise InputError("--teachers is required -- pass a folder with one sub-folder per effect (see --help)")
     if c.resume and c.overwrite:
         raise InputError("--resume and --overwrite contradict each other -- pass one of them")
-    if c.replay and not c.init:
-        raise InputError("--replay needs --init -- pass the exported student (<run>/lora) its effects belong to")
+    if c.replay and not c.init or c.init and not c.aop:  # an extension keeps the old student prompts: AOP's
+        raise InputError("--init keeps the old student prompts -- drop --no-aop" if c.init else
+                         "--replay needs --init -- pass the exported student (<run>/lora) its effects belong to")
 
 
 # ---- Flow-matching maths (diffusers' FlowMatchEulerDiscreteScheduler convention) ----

@@ -792,6 +792,7 @@ BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags;
     "new trigger collides with an old one": (lambda r: old_export(trigger_of(r, "neon_edges", "<old>")),
                                              "new effect 'neon_edges' collides with 'old_fx' of --init"),
     "replay without init": (lambda r: ["--replay", str(r / "teachers")], "--replay needs --init"),
+    "init with no-aop": (lambda r: old_export(r) + ["--no-aop"], "--init keeps the old student prompts -- drop --no-aop"),
     "replay of an effect not in init": (lambda r: old_export(r) + ["--replay", str(r / "teachers")],
                                         "--replay effect 'ink_sketch' is not in the --init collection (old_fx)"),
     "replay_p above 1": (lambda r: ["--replay_p", "2"], "--replay_p 2.0 is invalid"),
