@@ -3,6 +3,7 @@ Toy EffectBench: a CPU-sized world where the truth of every edit is known exactl
 
     python examples/effectbench.py --quick              # 4 effects, world -> base -> teachers -> distil -> table
     python examples/effectbench.py --effects 50 --seed 0
+    python examples/effectbench.py --effects 10 --extend 4   # add 4 effects to that student (collectionlora --init)
 
 The world (all of it deterministic from --seed, cached under runs/effectbench/):
   * sources   procedural 32x32 RGB pictures: a background (solid, gradient, stripes, checker, smooth
