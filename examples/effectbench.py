@@ -1341,9 +1341,9 @@ DISTIL_KNOBS = {"rank": 64, "alpha": 64, "lr": 1e-3, "critic_lr": 1e-3, "beta1":
 # The warm start (--warmup): 1,500 iterations of flow matching on the teacher outputs per effect, ~40 ms each on CPU.
 # Regression reaches the teachers' fidelity at a tenth of the cost of the full objective; DMD then adds their modes.
 WARMUP_PER_EFFECT = 1500
-# The paper's ablations, each one knob away from the full method (w/o TA-FM: no flow matching on teacher outputs at all)
 # --extend K: per new effect, warm-start and full-objective iterations (a fresh run: 1,500 and 375 per effect, for all)
 EXTEND_WARMUP_PER_NEW, EXTEND_FULL_PER_NEW = 2000, 250
+# The paper's ablations, each one knob away from the full method (w/o TA-FM: no flow matching on teacher outputs at all)
 ABLATIONS = {"no_pdsr": {"p_switch": 1.0}, "no_aop": {"aop": False}, "no_ts": {"w_ts": 0.0}, "no_tafm": {"w_fm": 0.0, "warmup": 0}}
 
 
