@@ -497,7 +497,7 @@ def read_init(cfg: Config, effects: list) -> tuple:
         meta = json.loads((folder / "collectionlora.json").read_text())
         theirs = {"base": meta["base"]} | {k: meta["config"][k] for k in ("rank", "alpha", "target_modules")}
         old = {e["name"]: e | {"added_by": e.get("added_by", meta["config"]["out"])} for e in meta["effects"]}
-        assert (folder / "pytorch_lora_weights.safetensors").is_file(), "no pytorch_lora_weights.safetensors"
+        safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt").keys()  # missing or not safetensors: refused
     except Exception as e:  # missing, not JSON, not ours
         raise InputError(f"--init '{folder}' is not a collectionlora export ({type(e).__name__}: {str(e)[:80]}) -- pass "
                          f"the lora/ folder of a finished run") from e

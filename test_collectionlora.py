@@ -725,10 +725,13 @@ def same_trigger(root: Path) -> list:
     return []
 
 
-def old_export(root: Path, rank: int = 4, base: str = "tiny", name: str = "old_fx", trigger: str = "<old>") -> list:
+def old_export(root: Path, rank: int = 4, base: str = "tiny", name: str = "old_fx", trigger: str = "<old>",
+               lora: bytes | None = None) -> list:
     """--init pointing at an export's files (a collectionlora.json like a rank-4, alpha-128 tiny run writes)."""
     folder = make_folder(root / "old")
     save_file({}, str(folder / "pytorch_lora_weights.safetensors"))
+    if lora is not None:  # a broken LoRA file instead
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(lora)
     (folder / "collectionlora.json").write_text(json.dumps({"base": base, "effects": [
         {"name": name, "trigger": trigger, "student_prompt": f"{trigger} Do the old thing"}], "config": {
         "rank": rank, "alpha": 128.0, "target_modules": list(cl.QWEN_TARGET_MODULES), "out": "runs/old"}}))
@@ -787,6 +790,7 @@ BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags;
     "init for another base": (lambda r: old_export(r, base="Qwen/Qwen-Image-Edit-2509"),
                               "was made with --base Qwen/Qwen-Image-Edit-2509, this run has tiny"),
     "init for another rank": (lambda r: old_export(r, rank=8), "was made with --rank 8, this run has 4"),
+    "init LoRA not safetensors": (lambda r: old_export(r, lora=b"<html>"), "is not a collectionlora export (SafetensorError"),
     "new effect named like an old one": (lambda r: old_export(r, name="ink_sketch"),
                                          "new effect 'ink_sketch' collides with 'ink_sketch' of --init"),
     "new trigger collides with an old one": (lambda r: old_export(trigger_of(r, "neon_edges", "<old>")),
