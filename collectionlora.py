@@ -44,6 +44,8 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import datetime
+import errno
 import functools
 import hashlib
 import importlib
@@ -60,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -75,7 +78,7 @@ class InputError(ValueError):
 
 
 class Stopped(RuntimeError):
-    """Training stopped early, after writing a checkpoint (a signal, or non-finite losses); `code` is the exit status."""
+    """Training stopped early (a signal, non-finite losses, a full disk); the checkpoints written are kept. `code`: exit status."""
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
@@ -142,7 +145,9 @@ class Config:
     resume: bool = knob(False, "continue from the last checkpoint in <out>/checkpoints")
     overwrite: bool = knob(False, "start afresh in an --out that holds a previous run (its cache is kept)")
     max_nonfinite: int = knob(10, "skip steps with a non-finite loss; after this many in a row, checkpoint and stop")
-    device: str = knob("auto", "auto = cuda if available else cpu")
+    device: str = knob("auto", "auto = cuda if available (under torchrun: the LOCAL_RANK-th GPU) else cpu")
+    dtype: str = knob("auto", "base weights and autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 or fp32 (the LoRAs stay fp32)")
+    preview_every: int = knob(0, "also write preview_<step>.png every N steps while training; 0 = only the final preview.png")
     gradient_checkpointing: bool = knob(True, "recompute activations on CUDA to fit rank-128 training on one GPU")
 
     @property
@@ -178,6 +183,7 @@ def check_config(c: Config) -> None:
              "ts_last_k": 1 <= c.ts_last_k <= c.student_steps, "ts_t_min": 0 <= c.ts_t_min < 1000, "replay_p": 0 <= c.replay_p <= 1,
              "w_ts": c.w_ts >= 0, "w_fm": c.w_fm >= 0, "log_every": c.log_every >= 1, "save_every": c.save_every >= 1,
              "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1, "warmup": c.warmup >= 0,
+             "preview_every": c.preview_every >= 0, "dtype": c.dtype in ("auto", "bf16", "fp32"),
              # the pipeline rounds each side to a multiple of 32 (calculate_dimensions): 40 would silently become 32
              "image_size": c.image_size >= 0 and c.image_size % 32 == 0,
              "condition_size": c.condition_size >= 0 and c.condition_size % 32 == 0}
@@ -269,7 +275,8 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
     """The base editing pipeline: 'tiny' (random, built in code), or a hub id / local folder laid out as
     Qwen/Qwen-Image-Edit-2509 (tokenizer/, processor/, ...), whose processor we build image-only."""
     if base == "tiny":
-        return build_tiny_pipeline(seed).to(device)
+        pipe = build_tiny_pipeline(seed).to(device)
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)  # fp32 as built; diffusers warns on any cast
     from diffusers import QwenImageEditPlusPipeline
     from huggingface_hub.constants import HF_HUB_OFFLINE as offline
     from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
@@ -329,11 +336,11 @@ def encode(pipe, image, prompt: str) -> EditInputs:
 def predict_v(transformer, x_t, sigma, c: EditInputs):
     """v = transformer(x_sigma | source latents, prompt, sigma). The source image's tokens are
     appended to the sequence (Qwen-Image-Edit in-context conditioning); only x_t's part is returned."""
-    dtype = c.image_latents.dtype  # the model's dtype (bf16 on CUDA); x_t itself stays fp32
-    x_in = torch.cat([x_t.to(dtype), c.image_latents], dim=1)  # (1, 2L, 4C)
+    dtype = transformer.img_in.weight.dtype  # the base's dtype (bf16 on CUDA); x_t itself stays fp32
+    x_in = torch.cat([x_t, c.image_latents], dim=1).to(dtype)  # (1, 2L, 4C)
     timestep = sigma.reshape(1).to(dtype).expand(x_t.shape[0])  # the model takes t/1000 = sigma
-    return transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=c.embeds, encoder_hidden_states_mask=c.mask,
-                       img_shapes=c.img_shapes, return_dict=False)[0][:, : x_t.shape[1]].float()  # (1, L, 4C)
+    return transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=c.embeds.to(dtype), img_shapes=c.img_shapes,
+                       encoder_hidden_states_mask=c.mask, return_dict=False)[0][:, : x_t.shape[1]].float()  # (1, L, 4C)
 
 
 @torch.no_grad()
@@ -588,11 +595,35 @@ def file_hash(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
+def nbytes(obj) -> int:
+    """The tensor bytes in a (nested) dict / list: about what torch.save writes."""
+    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj.values() if isinstance(obj, dict) else
+                                                               obj if isinstance(obj, (list, tuple)) else ()))
+
+
+@contextlib.contextmanager
+def writing(tmp: Path, need: int):
+    """Around a write to `tmp` (a temporary file or folder): if it fails, `tmp` is removed, and a full disk (or quota, or
+    file-size limit) is one line that names the folder and the space needed (Stopped, exit 1). torch.save reports a
+    full disk as a RuntimeError from its C++ writer ("unexpected pos", "file write failed")."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "unexpected pos" in str(e) or "write failed" in str(e):
+            raise Stopped(f"disk full: writing {tmp.name.split('.')[0]} to '{tmp.parent}' needs about {need / 2**20:.1f} MiB, "
+                          f"{shutil.disk_usage(tmp.parent).free / 2**20:.1f} MiB are free -- make room or pass another --out "
+                          f"(--cache_dir); the checkpoints already written are kept: rerun with --resume", 1) from e
+        raise
+
+
 def atomic_save(obj, path: Path, save=torch.save) -> None:
-    """save(obj, temporary name), then rename: a crash never leaves a half-written file."""
+    """save(obj, temporary name), then rename: a crash never leaves a half-written file, nor does a full disk (writing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save(obj, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: ranks may write one cache entry at the same time
+    with writing(tmp, nbytes(obj)):
+        save(obj, tmp)
+        os.replace(tmp, path)
 
 
 class TeacherBank:
@@ -652,19 +683,22 @@ class Route:
 class Router:
     """Each period of `route_every` steps is the effect stream with probability p_switch (a uniformly drawn effect, whose
     LoRA becomes the teacher; a replay_p share of them one of n_old replayed effects, listed first), else the general
-    stream (teacher = base; never without --general data). Each step draws batch_size sources; all from (seed, step)."""
+    stream (teacher = base; never without --general data). Each step draws batch_size sources; all from (seed, step). Under
+    torchrun every rank gets the same stream (one graph for all) but draws its own effect and sources (seeded by rank)."""
     def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int,
-                 batch_size: int = 1, n_old: int = 0, replay_p: float = 0.0):
+                 batch_size: int = 1, n_old: int = 0, replay_p: float = 0.0, rank: int = 0):
         self.n_effects, self.pool_sizes, self.n_general, self.batch_size = n_effects, pool_sizes, n_general, batch_size
         self.p_switch, self.route_every, self.seed, self.n_old, self.replay_p = p_switch, route_every, seed, n_old, replay_p
+        self.rank = f"/rank{rank}" if rank else ""  # rank 0 draws exactly what a single process draws
 
     def route(self, step: int) -> Route:
-        period = random.Random(f"{self.seed}/period/{step // self.route_every}")
-        effect_stream = self.n_general == 0 or period.random() < self.p_switch
+        stream = random.Random(f"{self.seed}/period/{step // self.route_every}")
+        effect_stream = self.n_general == 0 or stream.random() < self.p_switch
+        period = random.Random(f"{self.seed}/period/{step // self.route_every}{self.rank}") if self.rank else stream
         effect = -1 if not effect_stream else period.randrange(self.n_effects) if not self.n_old else (
             period.randrange(self.n_old) if period.random() < self.replay_p else self.n_old + period.randrange(self.n_effects - self.n_old))
         pool = self.pool_sizes[effect] if effect_stream else self.n_general
-        draw = random.Random(f"{self.seed}/step/{step}")
+        draw = random.Random(f"{self.seed}/step/{step}{self.rank}")
         return Route("effect" if effect_stream else "general", effect, tuple(draw.randrange(pool) for _ in range(self.batch_size)))
 
 
@@ -770,14 +804,22 @@ class Batch:
 
 class EditData:
     """Every input the run can draw, encoded once, and every teacher target, computed once (both cached on disk), so
-    both encoders can leave the GPU before training; tensors stay memory-mapped on the CPU until their batch."""
+    both encoders can leave the GPU before training; tensors stay memory-mapped on the CPU until their batch. Under torchrun
+    each rank computes its share, then reads the others' from the shared cache."""
     def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
         self.effects, self.pools = effects, [e.images or [p for p, _ in general] for e in effects]  # read_inputs: none is empty
         enc = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg))
         self.effect_inputs, self.targets = {}, {}
-        for i, p in tqdm([(i, p) for i, pool in enumerate(self.pools) for p in pool], desc="teacher targets"):
+        items, (rank, world) = [(i, p) for i, pool in enumerate(self.pools) for p in pool], rank_and_world()
+
+        def fill(i, p):
             self.effect_inputs[i, p] = (enc(effects[i].student_prompt, p), enc(effects[i].instruction, p), enc("", p))
             self.targets[i, p] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler)
+        for i, p in tqdm(items[rank::world], desc="teacher targets", disable=rank > 0):  # under torchrun: this rank's share
+            fill(i, p)
+        if world > 1:  # then the other ranks' shares, read from the shared cache once every rank has written its own
+            dist.barrier()
+            [fill(i, p) for i, p in items if (i, p) not in self.targets]
         self.general_inputs = [(enc(instruction, image), enc("", image)) for image, instruction in general]
 
     def batch(self, r: Route, device) -> Batch:
@@ -904,12 +946,13 @@ def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
 # ---- One training step ----
 
 def apply_update(loss, optimiser, clip: float) -> bool:
-    """backward, clip, step -- unless the loss or its gradient is NaN/inf: then nothing changes
-    (Adam's moments would be poisoned for good) and False is returned."""
+    """backward, average over ranks (torchrun), clip, step -- unless the loss or its gradient is NaN/inf (on any rank):
+    then nothing changes (Adam's moments would be poisoned for good) and False is returned."""
     optimiser.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    if finite := bool(torch.isfinite(loss)):
+        loss.backward()
+    if not average_gradients(optimiser.param_groups[0]["params"], finite):
         return False
-    loss.backward()
     if not torch.isfinite(torch.nn.utils.clip_grad_norm_(optimiser.param_groups[0]["params"], clip)):
         optimiser.zero_grad(set_to_none=True)
         return False
@@ -943,14 +986,55 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
     return logs | {"skipped": skipped}
 
 
+# ---- Many processes (torchrun): data parallel over the LoRA gradients ----
+# torchrun --nproc_per_node=K collectionlora.py ...: every rank holds the whole base and all adapters (DDP's layout; what fits
+# where: README "Memory plan"). Each period's stream is shared, so every rank runs the same graph; each rank draws its own
+# effect, images and noise; gradients are averaged before every update. Rank 0 alone writes checkpoints, LoRA and preview.
+
+def rank_and_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def average_gradients(params: list, finite: bool) -> bool:
+    """What DDP does to the gradients, without its wrapper (student and critic alternate on one module): their mean over the
+    ranks. A rank whose loss is not finite sends NaN, so that every rank skips that update (apply_update). Single process:
+    returns `finite`."""
+    if not dist.is_initialized():
+        return finite
+    grads = [p.grad if finite and p.grad is not None else torch.full_like(p, 0.0 if finite else float("nan")) for p in params]
+    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+        work.wait()
+    for p, g in zip(params, grads):
+        p.grad = g / dist.get_world_size()
+    return True
+
+
+def on_any_rank(flag: bool, device) -> bool:
+    """True on every rank when true on one: a signal reaches each rank at its own step, but all must stop at the same one."""
+    if not dist.is_initialized():
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def gather(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] for a single process."""
+    objs = [obj] * rank_and_world()[1]
+    if dist.is_initialized():
+        dist.all_gather_object(objs, obj)
+    return objs
+
+
 # ---- Train loop, checkpoints, export, preview ----
 
 @contextlib.contextmanager
 def deferred_signals():
     """While training, SIGINT/SIGTERM only set a flag: the loop finishes its step, writes a checkpoint
-    and stops. A second signal stops at once (the last checkpoint stays valid)."""
+    and stops. A second signal stops at once (the last checkpoint stays valid), except under torchrun, which relays the
+    first to every rank (and kills them if they take too long)."""
     def handler(signum, frame):
-        if caught:
+        if caught and int(os.environ.get("WORLD_SIZE", 1)) == 1:
             raise KeyboardInterrupt
         caught.append(signum)
     caught, old = [], {}
@@ -964,9 +1048,12 @@ def deferred_signals():
 
 
 def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, gen, keep: int):
-    """Everything needed to continue bit-exactly: both LoRAs, both optimisers and the RNG (the router
-    needs nothing: its draws are a function of the step), written atomically; keeps the last `keep`."""
-    state = {"step": step, "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(), "gen": gen.get_state()}
+    """Everything needed to continue bit-exactly: both LoRAs, both optimisers and every rank's RNG (the router needs nothing:
+    its draws are a function of the step), written atomically by rank 0; keeps the last `keep`. Every rank calls it."""
+    gens = gather(gen.get_state())
+    if rank_and_world()[0] > 0:
+        return None
+    state = {"step": step, "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(), "gen": gens}
     for name in ("student", "critic"):
         state[name] = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
     path = folder / f"step_{step:08d}.pt"
@@ -978,12 +1065,17 @@ def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_criti
 
 def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> int:
     """Restore a save_checkpoint() file in place; returns its step."""
-    state = torch.load(path, weights_only=True, map_location="cpu")  # weights only: nothing is executed
-    print(f"resumed from {path} at step {state['step']}")
+    state, (rank, world) = torch.load(path, weights_only=True, map_location="cpu"), rank_and_world()  # weights only: safe
+    gens = state["gen"] if isinstance(state["gen"], list) else [state["gen"]]  # one process, before torchrun support
+    if len(gens) != world:
+        raise InputError(f"--resume: {path} was written by {len(gens)} processes, this run has {world} -- resume with the "
+                         f"same number of processes (torchrun --nproc_per_node)")
+    if rank == 0:
+        print(f"resumed from {path} at step {state['step']}")
     for name, opt in (("student", opt_student), ("critic", opt_critic)):
         set_peft_model_state_dict(transformer, state[name], adapter_name=name)
         opt.load_state_dict(state[f"opt_{name}"])
-    gen.set_state(state["gen"])
+    gen.set_state(gens[rank])
     return state["step"]
 
 
@@ -1038,10 +1130,12 @@ def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | No
     return out
 
 
-def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 2) -> Path:
-    """<out>/preview.png: a row per effect (the first `rows`, named) on its first source, `gap` px apart, columns titled:
-    the source as resized | the teacher's cached target | the student (stock pipeline, seed cfg.seed), enlarged."""
-    use_adapter(pipe.transformer, "student")
+def write_preview(pipe, cfg: Config, data: EditData, name: str = "preview.png", rows: int = 16, gap: int = 2) -> Path:
+    """<out>/<name>: a row per effect (the first `rows`, named) on its first source, `gap` px apart, columns titled: the
+    source as resized | the teacher's cached target | the student (stock pipeline, seed cfg.seed), enlarged. The encoders
+    come back to the transformer's device for it (on CUDA they leave it once the inputs are encoded)."""
+    home = pipe.text_encoder.device
+    use_adapter(pipe.to(pipe.transformer.device).transformer, "student")
     cells = []  # per row: source | teacher | student, at the pipeline's output size
     for i, e in enumerate(data.effects[:rows]):
         image = Image.open(path := data.pools[i][0]).convert("RGB")
@@ -1062,33 +1156,54 @@ def write_preview(pipe, cfg: Config, data: EditData, rows: int = 16, gap: int = 
         for j, cell in enumerate(row):
             grid.paste(cell, (left + j * (cell.width + gap), y))
         y += row[0].height + gap
-    out = Path(cfg.out) / "preview.png"
-    atomic_save(grid, out, lambda image, tmp: image.save(tmp, format="PNG"))
+    pipe.text_encoder.to(home), pipe.vae.to(home)
+    atomic_save(grid, out := Path(cfg.out) / name, lambda image, tmp: image.save(tmp, format="PNG"))
     return out
 
 
-def train(cfg: Config) -> Path:
-    """Distil the --teachers folder into one student LoRA; returns the exported LoRA folder."""
-    check_config(cfg)
+def device_setup(cfg: Config) -> tuple:
+    """Where and in what precision the run happens: (device, the base's dtype, autocast). bf16: base weights and autocast
+    in bf16, LoRA weights fp32 (add_trainable_adapters). Under torchrun, each process takes the LOCAL_RANK-th GPU."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    bf16 = cfg.dtype == "bf16" or cfg.dtype == "auto" and device.type == "cuda"
+    return device, torch.bfloat16 if bf16 else torch.float32, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def train(cfg: Config) -> Path | None:
+    """Distil the --teachers folder into one student LoRA; returns the exported LoRA folder (None on torchrun's ranks > 0)."""
+    check_config(cfg)
+    device, dtype, autocast = device_setup(cfg)
     if cuda := device.type == "cuda":
+        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     effects, general, old = read_inputs(cfg)
-    ckpt_dir = Path(cfg.out) / "checkpoints"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # torchrun: one process per device
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    (rank, world), out = rank_and_world(), Path(cfg.out)
+    ckpt_dir, log = out / "checkpoints", out / "log.jsonl"
 
     # --- models: ONE base transformer carries the teacher slot, the student and the critic ---
-    pipe = load_pipeline(cfg.base, device, torch.bfloat16 if cuda else torch.float32, cfg.seed)  # fp32 on CPU
+    pipe = load_pipeline(cfg.base, device, dtype, cfg.seed)  # fp32 on CPU
     transformer = pipe.transformer.requires_grad_(False)
+    # known in advance: the checkpoints (both LoRAs and both Adam moments in fp32) and the export (two files of the student)
+    need = 4 * cfg.rank * sum(m.in_features + m.out_features for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+                              and any(n == t or n.endswith("." + t) for t in cfg.target_modules)) * (6 * cfg.keep_checkpoints + 8)
+    if need > (free := shutil.disk_usage(next(p for p in (out, *out.resolve().parents) if p.exists())).free):
+        raise InputError(f"--out '{out}' has {free / 2**20:.0f} MiB free, its checkpoints and export need about "
+                         f"{need / 2**20:.0f} MiB -- make room there, lower --keep_checkpoints, or pass another --out")
     with image_sizes(cfg):
         others = [o["student_prompt"] for o in old if o["name"] not in {e.name for e in effects}]
         bank, data, aop = prepare(pipe, cfg, effects, general, others)  # the last step that may refuse the input
-    if cfg.overwrite:  # only now: a refused run leaves the previous one intact
+    if cfg.overwrite and rank == 0:  # only now: a refused run leaves the previous one intact
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        shutil.rmtree(Path(cfg.out) / "lora", ignore_errors=True)
-        (Path(cfg.out) / "preview.png").unlink(missing_ok=True)
-    print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive triggers -> "
-          f"{aop['chosen_max_cos']:.3f} chosen" if cfg.aop else "no AOP (--no-aop): the student prompts are the teacher "
-          f"instructions; largest pairwise cosine {aop['chosen_max_cos']:.3f}")
+        shutil.rmtree(out / "lora", ignore_errors=True)
+        [p.unlink() for p in (out / "preview.png", log, *out.glob("preview_*.png")) if p.exists()]
+    if rank == 0:
+        print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive triggers -> "
+              f"{aop['chosen_max_cos']:.3f} chosen" if cfg.aop else "no AOP (--no-aop): the student prompts are the teacher "
+              f"instructions; largest pairwise cosine {aop['chosen_max_cos']:.3f}")
     add_trainable_adapters(transformer, cfg)
     if cuda:  # every input is encoded: the text encoder and VAE can leave the GPU
         pipe.text_encoder.to("cpu")
@@ -1099,15 +1214,19 @@ def train(cfg: Config) -> Path:
     opt_student = torch.optim.AdamW(adapter_params(transformer, "student"), cfg.lr, betas, weight_decay=cfg.weight_decay)
     opt_critic = torch.optim.AdamW(adapter_params(transformer, "critic"), cfg.critic_lr, betas, weight_decay=cfg.weight_decay)
     router = Router(len(effects), [len(p) for p in data.pools], len(general), cfg.p_switch, cfg.route_every, cfg.seed,
-                    cfg.batch_size, sum(e.name in {o["name"] for o in old} for e in effects), cfg.replay_p)
-    gen, autocast = torch.Generator(device).manual_seed(cfg.seed), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+                    cfg.batch_size, sum(e.name in {o["name"] for o in old} for e in effects), cfg.replay_p, rank)
+    gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)  # each rank its own noise
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
     start = load_checkpoint(max(ckpt_dir.glob("step_*.pt")), transformer, opt_student, opt_critic, gen) if cfg.resume else 0
+    if rank == 0:  # log.jsonl: one line per logged step; a resumed run drops the lines written after its checkpoint
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= start] if log.exists() else []
+        atomic_save("".join(line + "\n" for line in kept), log, lambda text, tmp: tmp.write_text(text))
 
     # --- the loop: critic every step, student every gen_every ---
     t0, student_logs, nonfinite = time.time(), {}, 0
     with deferred_signals() as signals, tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps,
-                                             desc="distilling", dynamic_ncols=True) as bar:
+                                             desc="distilling", dynamic_ncols=True, disable=rank > 0) as bar:
+        say = bar.write if rank == 0 else lambda line: None
         for step in bar:
             route = router.route(step)
             if route.stream == "effect":
@@ -1117,42 +1236,55 @@ def train(cfg: Config) -> Path:
             skipped = logs.pop("skipped")
             nonfinite = nonfinite + 1 if skipped else 0
             if skipped:
-                bar.write(f"warning: step {step + 1} ({what}): non-finite loss in {' and '.join(skipped)} -- update skipped")
-            student_logs = {k: v for k, v in logs.items() if k != "critic"} or student_logs  # last student update
-            logs = student_logs | {k: v for k, v in logs.items() if k == "critic"}
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-            if (step + 1) % cfg.log_every == 0:
-                bar.write(f"step {step + 1}/{cfg.max_steps} | {what} | " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-                          + f" | {(time.time() - t0) / (step + 1 - start):.3f} s/step")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or signals or nonfinite >= cfg.max_nonfinite:
+                say(f"warning: step {step + 1} ({what}): non-finite loss in {' and '.join(skipped)} -- update skipped")
+            student_logs = {k: v for k, v in logs.items() if k != "critic"} or student_logs  # shown: the last student update
+            shown = student_logs | {k: v for k, v in logs.items() if k == "critic"}
+            bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
+            if (step + 1) % cfg.log_every == 0 and rank == 0:
+                seconds = (time.time() - t0) / (step + 1 - start)
+                say(f"step {step + 1}/{cfg.max_steps} | {what} | " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                    + f" | {seconds:.3f} s/step")
+                with log.open("a") as f:  # this step's losses only
+                    f.write(json.dumps({"step": step + 1, "stream": route.stream, "effect": what} | logs | {"s_step": seconds}) + "\n")
+            stop = on_any_rank(bool(signals), device)  # every rank stops after the same step
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop or nonfinite >= cfg.max_nonfinite:
                 path = save_checkpoint(ckpt_dir, step + 1, transformer, opt_student, opt_critic, gen, cfg.keep_checkpoints)
+            if cfg.preview_every and (step + 1) % cfg.preview_every == 0 and rank == 0:
+                with image_sizes(cfg):
+                    write_preview(pipe, cfg, data, f"preview_{step + 1}.png")
             if nonfinite >= cfg.max_nonfinite:
                 raise Stopped(f"stopped at step {step + 1}: {nonfinite} steps in a row had a non-finite loss (last: "
                               f"{' and '.join(skipped)} on '{what}') -- checkpoint {path}; lower --lr or check that "
                               f"effect's LoRA, then rerun with --resume", 1)
-            if signals:
-                resume = "--resume instead of --overwrite" if cfg.overwrite else "--resume"
-                raise Stopped(f"{signal.Signals(signals[0]).name}: stopped after step {step + 1}, checkpoint {path} -- "
-                              f"rerun the same command with {resume} to continue", 128 + signals[0])
+            if stop:
+                sig, resume = signals[0] if signals else signal.SIGTERM, "--resume instead of --overwrite" if cfg.overwrite else "--resume"
+                raise Stopped(f"{signal.Signals(sig).name}: stopped after step {step + 1}, checkpoint {path} -- "
+                              f"rerun the same command with {resume} to continue", 128 + sig)
+    if len(set(gather(hashlib.sha256(torch.cat([p.detach().flatten().cpu() for p in adapter_params(transformer, "student")])
+                                     .numpy().tobytes()).hexdigest()))) > 1:  # checked, not assumed
+        raise RuntimeError("the ranks ended with different students -- a bug in the gradient averaging: please report it")
+    if rank > 0:
+        return None
 
     # --- everything that follows is export and diagnostics ---
     # "before" is the base model (the untrained student, B = 0; with --init still the base, not the old student)
     before, after = (distances_to_teachers(transformer, data, sigmas, adapter) for adapter in (None, "student"))
     counts = collections.Counter(router.route(step).effect for step in range(cfg.max_steps))  # draws need no state
     visits = {e.name: counts[i] for i, e in enumerate(effects)} | {"general": counts[-1]}
-    out = export_lora(pipe, cfg, effects, bank, {"aop": aop, "router_visits": visits,
-                                                 "distance_to_teacher": {"before": before, "after": after}}, old)
+    with writing(out / "lora.tmp", need):
+        lora = export_lora(pipe, cfg, effects, bank, {"aop": aop, "router_visits": visits, "distance_to_teacher":
+                                                      {"before": before, "after": after}}, old)
     del opt_student, opt_critic  # free Adam's moments and the gradients: the preview needs the encoders back on the device
     transformer.zero_grad(set_to_none=True)
     with image_sizes(cfg):
-        preview = write_preview(pipe.to(device), cfg, data)
+        preview = write_preview(pipe, cfg, data)
     print("8-step output vs teacher output (latent MSE), base model -> student:\n" + "\n".join(
         f"  {e.name:24s} {b0:.4f} -> {b1:.4f}   prompt: {e.student_prompt!r}" for e, b0, b1 in zip(effects, before, after)))
     print(f"router visits: {visits}")
     print(f"wrote {preview} -- one row per effect (first 16): source | teacher output | student "
           f"{cfg.student_steps}-step output (student prompt, seed {cfg.seed})")
-    print(f"wrote {out} -- load it with pipe.load_lora_weights('{out}')")
-    return out
+    print(f"wrote {lora} -- load it with pipe.load_lora_weights('{lora}')")
+    return lora
 
 
 # ---- Inference with the stock pipeline ----
@@ -1180,18 +1312,34 @@ def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type:
 # ---- CLI ----
 
 def main(argv=None) -> int:
+    """The CLI: a one-line message and an exit code for each way a run can end (under torchrun: once, from rank 0)."""
+    rank = int(os.environ.get("RANK", 0))
+    report = functools.partial(print, file=sys.stderr) if rank == 0 else lambda line: None
     try:
         train(parse_config(argv))
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(f"error: {e}")
         return 2
     except Stopped as e:
-        print(e, file=sys.stderr)
+        report(e)
         return e.code
+    except torch.OutOfMemoryError:
+        report("error: out of GPU memory -- see README 'Memory plan': keep --gradient_checkpointing, lower --rank or "
+               "--batch_size, or add GPUs (torchrun); checkpoints already written are kept: rerun with --resume")
+        return 1
+    except RuntimeError as e:  # under torchrun: mostly a collective that lost a rank (gloo: "Connection closed by peer")
+        if not dist.is_initialized():
+            raise
+        print(f"rank {rank}: stopped ({str(e).splitlines()[0][:160]}) -- if another rank died, torchrun's report names it; "
+              f"the checkpoints already written are kept: rerun with --resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted -- finished checkpoints and cached teacher targets are kept; rerun the same command "
-              "(with --resume once a checkpoint exists)", file=sys.stderr)
+        report("interrupted -- finished checkpoints and cached teacher targets are kept; rerun the same command "
+               "(with --resume once a checkpoint exists)")
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

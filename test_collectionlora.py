@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -886,6 +887,183 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(teachers, tmp_path):
     straight = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "straight", max_steps=40)))
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert not list((teachers / "cwd").iterdir())
+
+
+# ---- Scale: precision, gradient checkpointing, long runs, full disks, torchrun ----
+
+def test_a_bf16_base_under_cpu_autocast_trains_finite_fp32_loras_that_reload(teachers, tmp_path):
+    """The CUDA path's precision (bf16 base and autocast, fp32 LoRA weights), exercised on the CPU."""
+    cfg = tiny_config(teachers, tmp_path, dtype="bf16", max_steps=6, gen_every=1, log_every=1, p_switch=1.0)
+    device, dtype, autocast = cl.device_setup(cfg)
+    assert (device.type, dtype, autocast.fast_dtype, autocast._enabled) == ("cpu", torch.bfloat16, torch.bfloat16, True)
+    assert cl.device_setup(tiny_config(teachers, tmp_path))[1] == torch.float32  # the CPU default
+    lora = cl.train(cfg)
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(1, 7)) and all(np.isfinite(v) for r in logs for k, v in r.items()
+                                                                  if k in ("dmd", "ts", "fm", "critic"))
+    tensors = lora_tensors(lora)
+    assert {t.dtype for t in tensors.values()} == {torch.float32} and any(t.abs().sum() > 0 for k, t in tensors.items()
+                                                                         if "lora_B" in k)
+    stock = cl.build_tiny_pipeline(0)
+    cl.load_student(stock, lora)
+    image = Image.open(cl.read_teachers(cfg.teachers)[0].images[0]).convert("RGB")
+    assert torch.isfinite(cl.sample(stock, image, "x", output_type="latent")).all()
+
+
+def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(teachers, tmp_path):
+    cfg = tiny_config(teachers, tmp_path)
+    pipe = cl.build_tiny_pipeline(0)
+    bank, data, _ = cl.prepare(pipe, cfg, cl.read_teachers(cfg.teachers), [])
+    cl.add_trainable_adapters(pipe.transformer, cfg)
+    with torch.no_grad():
+        for n, p in pipe.transformer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    b, sigmas = data.batch(cl.Route("effect", 0, (0,)), "cpu"), cl.student_sigmas(8, 3.0)
+    bank.swap(0)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
+        pipe.transformer.zero_grad(set_to_none=True)
+        sum(cl.student_loss(pipe.transformer, b, sigmas, cfg, torch.Generator().manual_seed(3)).values()).backward()
+        grads.append({n: p.grad.clone() for n, p in pipe.transformer.named_parameters() if p.grad is not None})
+    assert pipe.transformer.is_gradient_checkpointing and grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_previews_while_training_and_log_jsonl_change_nothing_and_survive_a_resume(teachers, tmp_path):
+    plain = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "plain", max_steps=8, log_every=1)))
+    watched = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "w", max_steps=8, log_every=1, preview_every=4,
+                                                save_every=4, keep_checkpoints=5)))
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)  # watching does not change the run
+    out = tmp_path / "w"
+    assert Image.open(out / "preview_4.png").size == Image.open(out / "preview_8.png").size == Image.open(out / "preview.png").size
+    assert not list(out.glob("preview_[!48]*.png")) and not list(out.rglob("*.tmp"))
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(1, 9)) and {"stream", "effect", "critic", "s_step"} <= logs[0].keys()
+    assert logs == [json.loads(line) | {"s_step": r["s_step"]} for line, r in
+                    zip((tmp_path / "plain" / "log.jsonl").read_text().splitlines(), logs)]
+    # a crash after step 6 was logged but before its checkpoint: the resumed run logs steps 5..8 once, as before
+    (out / "checkpoints" / "step_00000008.pt").unlink()
+    (out / "lora").rename(tmp_path / "lora_before")
+    with (out / "log.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 9, "stream": "stale"}) + "\n")
+    resumed = lora_tensors(cl.train(tiny_config(teachers, out, max_steps=8, log_every=1, resume=True)))
+    again = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == list(range(1, 9))
+    assert [{k: v for k, v in r.items() if k != "s_step"} for r in again] == [{k: v for k, v in r.items() if k != "s_step"}
+                                                                             for r in logs]
+    assert all(torch.equal(plain[k], resumed[k]) for k in plain)
+
+
+def test_a_full_disk_is_one_line_leaves_no_tmp_and_resume_continues(teachers, tmp_path):
+    """A real write failure: the file-size limit (RLIMIT_FSIZE; writes past it fail with EFBIG, as a full disk fails with
+    ENOSPC) set between the size of the warm-up's checkpoint (no critic Adam state yet) and of the later ones."""
+    kw = dict(max_steps=4, warmup=2, save_every=2, keep_checkpoints=5, cache_dir=str(tmp_path / "cache"))
+    straight = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "straight", **kw)))
+    sizes = [p.stat().st_size for p in sorted((tmp_path / "straight" / "checkpoints").glob("step_*.pt"))]
+    assert sizes[0] < sizes[1]
+    args = ["--base", "tiny", "--teachers", str(teachers / "teachers"), "--general", str(teachers / "general"),
+            "--out", str(tmp_path / "out"), "--rank", "8", "--alpha", "8", "--lr", "1e-3", "--critic_lr", "1e-3",
+            "--route_every", "5", "--teacher_steps", "8", "--max_steps", "4", "--warmup", "2", "--save_every", "2",
+            "--keep_checkpoints", "5", "--cache_dir", str(tmp_path / "cache")]
+    limit = (sizes[0] + sizes[1]) // 2
+    code = (f"import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); import collectionlora as cl; "
+            f"sys.exit(cl.main({args!r}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("disk full: writing step_00000004 to ") and "MiB are free" in last, r.stderr
+    assert str(tmp_path / "out" / "checkpoints") in last and "--resume" in last
+    assert [p.name for p in (tmp_path / "out").rglob("*") if ".tmp" in p.name] == []
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step_00000002.pt"]
+    resumed = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "out", resume=True, **kw)))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def _average_on_two_ranks(rank, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
+    cl.dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        a, b, unused = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        a.grad, b.grad = torch.full((3,), rank + 1.0), torch.tensor([2.0 * rank, 0, 0])  # `unused`: no gradient
+        finite_both = cl.average_gradients([a, b, unused], finite=True)
+        results = [finite_both, a.grad.tolist(), b.grad.tolist(), unused.grad.tolist()]
+        a.grad = torch.ones(3)
+        results.append([cl.average_gradients([a], finite=rank == 0), a.grad.isnan().all().item()])  # rank 1: NaN loss
+        torch.save(results, Path(tmp) / f"{rank}.pt")
+    finally:
+        cl.dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_over_ranks_and_a_non_finite_rank_skips_the_update_everywhere(tmp_path, monkeypatch):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("TEST_PORT", str(sock.getsockname()[1]))
+    torch.multiprocessing.spawn(_average_on_two_ranks, args=(str(tmp_path),), nprocs=2)
+    for rank in (0, 1):
+        ok, a, b, unused, (skip, nan) = torch.load(tmp_path / f"{rank}.pt")
+        assert ok and a == [1.5] * 3 and b == [1.0, 0, 0] and unused == [0.0] * 3
+        assert skip and nan  # apply_update then sees a non-finite norm on both ranks and skips
+
+
+def torchrun(tmp_path, out: Path, *extra, nproc=2):
+    """The CLI under torchrun on the CPU (gloo), in its own process group; returns the Popen."""
+    args = ["--base", "tiny", "--teachers", str(ROOT / "examples" / "tiny_teachers"), "--general",
+            str(ROOT / "examples" / "tiny_general"), "--out", str(out), "--rank", "4", "--alpha", "4", "--teacher_steps",
+            "4", "--route_every", "5", "--log_every", "1", "--cache_dir", str(tmp_path / "cache"), *extra]
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                             str(ROOT / "collectionlora.py"), *args], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_two_ranks_train_one_student_write_once_and_refuse_bad_input_once(tmp_path):
+    proc = torchrun(tmp_path, tmp_path / "out", "--max_steps", "10", "--save_every", "5", "--preview_every", "10")
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err  # the run also checked that both ranks ended with the same student
+    assert stdout.count("wrote ") == 2 and stdout.count("AOP: ") == 1  # rank 0 alone reports and writes
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step_00000005.pt", "step_00000010.pt"]
+    assert len(torch.load(tmp_path / "out" / "checkpoints" / "step_00000010.pt", weights_only=True)["gen"]) == 2
+    assert (tmp_path / "out" / "preview_10.png").is_file() and not list(tmp_path.rglob("*.tmp"))
+    one = lora_tensors(cl.train(cl.Config(**json.loads((tmp_path / "out" / "lora" / "collectionlora.json").read_text())
+                                          ["config"] | {"out": str(tmp_path / "one"), "target_modules": cl.QWEN_TARGET_MODULES})))
+    two = lora_tensors(tmp_path / "out" / "lora")
+    assert one.keys() == two.keys() and any(not torch.equal(one[k], two[k]) for k in one)  # rank 1's gradients count
+    stock = cl.build_tiny_pipeline(0)
+    cl.load_student(stock, tmp_path / "out" / "lora")  # the export reloads
+    # a checkpoint of 2 ranks is refused by 1 process, and bad input is reported once, with exit 2 on every rank
+    r = run_cli("--base", "tiny", "--teachers", str(ROOT / "examples" / "tiny_teachers"), "--general",
+                str(ROOT / "examples" / "tiny_general"), "--out", str(tmp_path / "out"), "--rank", "4", "--alpha", "4",
+                "--teacher_steps", "4", "--cache_dir", str(tmp_path / "cache"), "--resume", "--max_steps", "20")
+    assert r.returncode == 2 and "was written by 2 processes, this run has 1" in r.stderr, r.stderr
+    proc = torchrun(tmp_path, tmp_path / "bad", "--max_steps", "-1")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and err.count("error: --max_steps -1 is invalid") == 1 and "exitcode: 2" in err, err
+
+
+def test_torchrun_a_dead_rank_stops_the_others_and_resume_continues(tmp_path):
+    proc = torchrun(tmp_path, tmp_path / "out", "--max_steps", "100000", "--save_every", "5")
+    checkpoints = tmp_path / "out" / "checkpoints"
+    for _ in range(1200):
+        if list(checkpoints.glob("step_*.pt")) or proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    ranks = {}
+    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():  # workers
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ranks.update({int(v.split(b"=")[1]): int(pid) for v in environ if v.startswith(b"RANK=")})
+    assert set(ranks) == {0, 1}, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)  # bounded: gloo sees the closed connection, torchrun stops the rest
+    assert proc.returncode != 0 and "rank 0: stopped (" in err and "rerun with --resume" in err, err[-3000:]
+    step = max(int(p.stem.split("_")[1]) for p in checkpoints.glob("step_*.pt"))
+    proc = torchrun(tmp_path, tmp_path / "out", "--max_steps", str(step + 3), "--save_every", "5", "--resume")
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and f"resumed from {checkpoints / f'step_{step:08d}.pt'} at step {step}" in stdout, err
+    assert (tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 # ---- examples/effectbench.py: the benchmark's own measuring tools ----

@@ -1,0 +1,494 @@
+"""Memory plan for the paper's setting: a rank-128 student LoRA distilled on Qwen-Image-Edit-2509's 20B transformer.
+
+    python examples/bench_memory.py                    # all tables, plus the CPU check on a 0.2B model (~2 min, 1 core)
+    python examples/bench_memory.py --out memory.md    # the same, also written to memory.md
+    python examples/bench_memory.py --no_check         # arithmetic only (~1 min: the adapters are added on `meta`)
+    python examples/bench_memory.py --text_tokens 300 --teacher_rank 32   # other assumptions
+
+What is exact, what is estimated:
+  * Parameters are COUNTED, not assumed: the real transformer (diffusers' QwenImageTransformer2DModel with its class
+    defaults, which are Qwen-Image's shapes) is built on the `meta` device, the student and critic are added by
+    `collectionlora.add_trainable_adapters` itself, the teacher slot by peft as `TeacherBank` adds it. Bytes follow
+    from the dtypes those tensors end up with (bf16 base and teacher slot, fp32 student and critic).
+  * Activations are a FORMULA read off the forward code (diffusers block, peft LoRA layer, torch autocast rules):
+    bytes saved for backward per token per block. The CPU check measures the same quantity on a 0.2B random model
+    (torch.autograd.graph.saved_tensors_hooks, unique storages, parameters excluded) in fp32 and in CPU bf16 autocast.
+    The CUDA bf16-autocast column differs from the CPU one only where the autocast op lists differ (layer_norm runs
+    in fp32 on CUDA, in bf16 on CPU): that column is derived, not measured here.
+  * Peaks (graphs alive at once, backward working set, DDP buckets, FSDP all-gather buffers, the 3 GB reserve for
+    the CUDA context and fragmentation) are estimates; each is named where it is used.
+"""
+import argparse
+import datetime
+import inspect
+import os
+import platform
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import collectionlora as cl  # noqa: E402
+
+GB = 1e9
+RESERVE_GB = 3.0  # CUDA context, cuBLAS workspaces, allocator fragmentation: not modelled, kept free
+CARDS = (80, 141)  # A100/H100 80 GB, H200 141 GB
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+MODES = ("fp32", "cpu-bf16", "cuda-bf16")  # fp32 run (the CPU trainer), bf16 autocast on CPU, bf16 autocast on CUDA
+
+# LoRA'd linears of one block, (in, out) in units of the width d: together they are collectionlora's target list.
+LORA_SHAPES = {"to_q": (1, 1), "to_k": (1, 1), "to_v": (1, 1), "to_out.0": (1, 1), "add_q_proj": (1, 1),
+               "add_k_proj": (1, 1), "add_v_proj": (1, 1), "to_add_out": (1, 1), "img_mlp.net.0.proj": (1, 4),
+               "img_mlp.net.2": (4, 1), "txt_mlp.net.0.proj": (1, 4), "txt_mlp.net.2": (4, 1), "img_mod.1": (1, 6),
+               "txt_mod.1": (1, 6)}
+
+# Saved for backward, per token and per block, in bytes per unit of width d; (fp32, cpu-bf16, cuda-bf16). Each token
+# is in one stream (image or text); both streams have the same layers. The student's LoRA needs grad, the base does
+# not, so a frozen linear saves nothing of its input, and every LoRA-A saves its input.
+PER_TOKEN = [
+    ("LayerNorm inputs (norm1, norm2)", (8, 4, 8)),  # CUDA autocast runs layer_norm in fp32: an fp32 copy is saved
+    ("LayerNorm outputs (kept by the shift/scale modulation)", (8, 4, 8)),
+    ("q, k, v LoRA-A input", (4, 6, 6)),  # fp32: one shared tensor; autocast casts it to bf16 once per layer
+    ("q, k RMSNorm inputs", (8, 12, 12)),  # bf16: the input and its fp32 copy (`.to(float32).pow(2)`)
+    ("joint attention q, k, v, output", (16, 8, 8)),
+    ("attention out-projection LoRA-A input", (0, 2, 2)),  # fp32: it is the attention output itself
+    ("attention branch output (times gate)", (4, 2, 2)),
+    ("MLP-in LoRA-A input", (4, 2, 2)),
+    ("GELU input (4d)", (16, 8, 8)),
+    ("MLP-out LoRA-A input (4d)", (16, 8, 8)),
+    ("MLP branch output (times gate)", (4, 2, 2)),
+]
+# Per token per block, besides: 6 LoRA-B inputs per stream (rank r each), LayerNorm mean+rstd (2 norms), q/k RMSNorm
+# rstd (fp32, H per norm) and the attention log-sum-exp (fp32, H). Per sample per block: the modulation vectors
+# (18 d + 2 r elements). Outside the blocks: norm_out's LayerNorm input (image tokens).
+
+
+def elt(mode: str) -> int:
+    return 4 if mode == "fp32" else 2
+
+
+def ln_bytes(mode: str) -> int:
+    return 2 if mode == "cpu-bf16" else 4  # bytes per LayerNorm element (fp32 on CUDA autocast)
+
+
+def per_token_block(d: int, r: int, heads: int, mode: str) -> float:
+    i = MODES.index(mode)
+    return (sum(b[i] for _, b in PER_TOKEN) * d + 6 * r * elt(mode) + 2 * 2 * ln_bytes(mode)
+            + 2 * heads * 4 + heads * 4)
+
+
+def forward_activations(c: dict, rank: int, n_img: int, n_txt: int, mode: str, checkpointing: bool) -> dict:
+    """Bytes one forward of the student keeps for its backward: {'blocks', 'outside', 'one block', 'total'}.
+    Without checkpointing: every block's saved tensors (block 0 saves no LayerNorm-1 input: it needs no grad).
+    With diffusers' per-block checkpointing: each block's two input streams (the residual dtype), plus one block's
+    saved tensors while it is recomputed in the backward pass (counted by the caller as the working set)."""
+    d, heads, layers, n = c["num_attention_heads"] * c["attention_head_dim"], c["num_attention_heads"], c["num_layers"], n_img + n_txt
+    one_block = n * per_token_block(d, rank, heads, mode) + (18 * d + 2 * rank) * elt(mode)
+    outside = (n_img * (d + 2) * ln_bytes(mode)  # norm_out's LayerNorm input, mean, rstd
+               + n * 4 * c["attention_head_dim"]  # RoPE tables (complex64, head_dim / 2 per token), shared by all blocks
+               + 2 * d * elt(mode))  # temb, norm_out's scale
+    if checkpointing:
+        blocks = layers * n * d * elt(mode)
+    else:
+        blocks = layers * one_block - n * (d + 2) * ln_bytes(mode)  # block 0 saves no norm1 input, mean, rstd
+    return {"blocks": blocks, "outside": outside, "one block": one_block, "total": blocks + outside}
+
+
+def base_params(c: dict) -> int:
+    """QwenImageTransformer2DModel's parameter count, from its modules (checked against the meta build below)."""
+    hd = c["attention_head_dim"]
+    d, j, p2o = c["num_attention_heads"] * hd, c["joint_attention_dim"], c["patch_size"] ** 2 * c["out_channels"]
+    block = (2 * (6 * d * d + 6 * d)  # img_mod, txt_mod
+             + 8 * (d * d + d)  # q, k, v, out of both streams
+             + 4 * hd  # q/k RMSNorms of both streams
+             + 2 * (4 * d * d + 4 * d + 4 * d * d + d))  # both MLPs
+    outside = ((256 * d + d) + (d * d + d)  # timestep embedding MLP
+               + j + (j * d + d)  # txt_norm, txt_in
+               + (c["in_channels"] * d + d)  # img_in
+               + (2 * d * d + 2 * d)  # norm_out's modulation
+               + (d * p2o + p2o))  # proj_out
+    return c["num_layers"] * block + outside
+
+
+def lora_params(c: dict, rank: int) -> int:
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    return c["num_layers"] * rank * d * sum(i + o for i, o in LORA_SHAPES.values())
+
+
+def add_teacher_slot(transformer, rank: int, name: str = "teacher") -> None:
+    """The teacher slot exactly as TeacherBank adds it (rank = alpha, frozen), for teachers on the same target list."""
+    from peft import LoraConfig
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(cl.QWEN_TARGET_MODULES),
+                                           init_lora_weights=False), adapter_name=name)
+    for p in cl.adapter_params(transformer, name):
+        p.requires_grad_(False)
+
+
+def group_params(transformer, adapters) -> dict:
+    """{group: (numel, dtype)} for the base and each named adapter."""
+    groups = {}
+    for n, p in transformer.named_parameters():
+        g = next((a for a in adapters if f".{a}." in n), "base")
+        groups[g] = (groups.get(g, (0,))[0] + p.numel(), p.dtype)
+    return groups
+
+
+def with_run_adapters(transformer, rank: int, teacher_ranks) -> list:
+    """Student and critic by collectionlora itself, teacher slots as TeacherBank adds them; returns the adapter names."""
+    cl.add_trainable_adapters(transformer, cl.Config(rank=rank, alpha=float(rank)))
+    for r in teacher_ranks:
+        add_teacher_slot(transformer, r, f"teacher{r}")
+    return ["student", "critic"] + [f"teacher{r}" for r in teacher_ranks]
+
+
+def count_real_model(rank: int, teacher_ranks) -> dict:
+    """{group: (numel, dtype)}: the 20B transformer and the run's adapters counted on `meta`; dtypes from the same
+    adapters on a tiny bf16 model on the CPU (as `collectionlora.train` loads the base on CUDA: bf16), because peft
+    leaves adapters on `meta` in the default dtype instead of giving them their base layer's dtype."""
+    from diffusers import QwenImageTransformer2DModel
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel(**QWEN_IMAGE).requires_grad_(False)
+    counts = group_params(transformer, with_run_adapters(transformer, rank, teacher_ranks))
+    tiny = QwenImageTransformer2DModel(num_layers=1, num_attention_heads=1, attention_head_dim=16, in_channels=16,
+                                       out_channels=4, joint_attention_dim=16, axes_dims_rope=(4, 6, 6)).to(torch.bfloat16)
+    dtypes = group_params(tiny, with_run_adapters(tiny, 2, teacher_ranks))
+    return {g: (numel, dtypes[g][1]) for g, (numel, _) in counts.items()}
+
+
+def nbytes(group: tuple) -> int:
+    numel, dtype = group
+    return numel * dtype.itemsize
+
+
+def class_defaults() -> dict:
+    from diffusers import QwenImageTransformer2DModel
+    sig = inspect.signature(QwenImageTransformer2DModel.__init__)
+    return {k: tuple(v.default) if isinstance(v.default, list) else v.default for k, v in sig.parameters.items()
+            if k in QWEN_IMAGE}
+
+
+def tokens(side: int, text_tokens: int) -> tuple:
+    """(image tokens, text tokens) of one edit at output side x side: VAE /8 and 2x2 patches = /16 per side; the
+    source image's latents are appended at the output size (Qwen-Image-Edit-2509, VAE_IMAGE_SIZE), so x2."""
+    return 2 * (side // 16) ** 2, text_tokens
+
+
+# ---- the CPU check: predicted vs measured on a 0.2B random model ----
+
+def unique_bytes(tensors, skip=frozenset()) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and key not in skip:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+class SavedTensors:
+    """Records every tensor autograd saves for backward (unique storages, parameters excluded), per transformer block."""
+
+    def __init__(self, transformer):
+        self.params = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
+        self.block, self.saved, self.inputs, self.handles = "outside", {}, {}, []
+        for i, block in enumerate(transformer.transformer_blocks):
+            self.handles.append(block.register_forward_pre_hook(self.entering(i), with_kwargs=True))
+            self.handles.append(block.register_forward_hook(lambda *_: setattr(self, "block", "outside")))
+
+    def entering(self, i):
+        def hook(module, args, kwargs):
+            self.block = i
+            flat = [x for a in [*args, *kwargs.values()] for x in (a if isinstance(a, (tuple, list)) else [a])]
+            for t in flat:  # what a checkpointed block keeps: its inputs (both streams, temb, the RoPE tables)
+                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in self.params:
+                    self.inputs.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return hook
+
+    def pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if key not in self.params:
+            self.saved.setdefault(key, (self.block, t.untyped_storage().nbytes()))
+        return t
+
+    def bytes_in(self, where) -> int:
+        return sum(nb for b, nb in self.saved.values() if b in where)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def student_forward(transformer, c, n_side: int, n_txt: int, dtype, autocast: bool, gen):
+    """One student prediction through collectionlora.predict_v, recording what is saved; returns (v, SavedTensors)."""
+    cl.use_adapter(transformer, "student")
+    n_img = n_side * n_side
+    inputs = types.SimpleNamespace(  # the fields predict_v reads (an EditInputs)
+        embeds=torch.randn(1, n_txt, c["joint_attention_dim"], generator=gen).to(dtype), mask=None,
+        image_latents=torch.randn(1, n_img, c["in_channels"], generator=gen).to(dtype),
+        img_shapes=[[(1, n_side, n_side), (1, n_side, n_side)]])
+    x_t = torch.randn(1, n_img, c["in_channels"], generator=gen)
+    record = SavedTensors(transformer)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(record.pack, lambda t: t):
+        v = cl.predict_v(transformer, x_t, torch.tensor(0.7), inputs)
+    record.close()
+    return v, record
+
+
+def check_on_cpu(rank: int, teacher_rank: int, layers: int, heads: int, side: int, n_txt: int) -> tuple:
+    """Build a mid-size random transformer (the real one, narrower and shallower), add the run's adapters, run one
+    student and one critic step (forward, backward, AdamW) and compare bytes with the formulas. Returns (rows, notes)."""
+    from diffusers import QwenImageTransformer2DModel
+    c = dict(QWEN_IMAGE, num_layers=layers, num_attention_heads=heads)
+    n_side = side // 16  # latent patches per side of one image
+    n_img, _ = tokens(side, n_txt)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    transformer = QwenImageTransformer2DModel(**c).requires_grad_(False)
+    cfg = cl.Config(rank=rank, alpha=float(rank))
+    cl.add_trainable_adapters(transformer, cfg)
+    add_teacher_slot(transformer, teacher_rank)
+    opts = {a: torch.optim.AdamW(cl.adapter_params(transformer, a), cfg.lr) for a in ("student", "critic")}
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+
+    def row(what, predicted, measured):
+        rows.append((what, predicted, measured))
+
+    # 1. fp32 student step with the saved tensors recorded, then a critic step (both Adam states exist, as in training)
+    v, rec = student_forward(transformer, c, n_side, n_txt, torch.float32, False, gen)
+    cl.apply_update(F.mse_loss(v, torch.randn(v.shape, generator=gen)), opts["student"], cfg.grad_clip)
+    cl.use_adapter(transformer, "critic")
+    v = cl.predict_v(transformer, torch.randn(v.shape, generator=gen), torch.tensor(0.3), types.SimpleNamespace(
+        embeds=torch.randn(1, n_txt, c["joint_attention_dim"]), mask=None, image_latents=torch.randn(v.shape),
+        img_shapes=[[(1, n_side, n_side), (1, n_side, n_side)]]))
+    cl.apply_update(F.mse_loss(v, torch.randn(v.shape, generator=gen)), opts["critic"], cfg.grad_clip)
+    step_seconds = time.perf_counter() - t0
+    named = dict(transformer.named_parameters())
+    of = {a: [p for n, p in named.items() if f".{a}." in n] for a in ("student", "critic", "teacher")}
+    base = [p for n, p in named.items() if not any(f".{a}." in n for a in of)]
+    row("base weights (fp32 on CPU)", 4 * base_params(c), unique_bytes(base))
+    row(f"teacher slot r={teacher_rank}", 4 * lora_params(c, teacher_rank), unique_bytes(of["teacher"]))
+    for a in ("student", "critic"):
+        n = lora_params(c, rank)
+        row(f"{a} weights r={rank}", 4 * n, unique_bytes(of[a]))
+        row(f"{a} grads", 4 * n, unique_bytes(p.grad for p in of[a] if p.grad is not None))
+        row(f"{a} AdamW moments (+ step counters)", 8 * n, unique_bytes(
+            s for p in of[a] for s in opts[a].state[p].values() if torch.is_tensor(s)))
+    predicted = forward_activations(c, rank, n_img, n_txt, "fp32", False)
+    inner = set(range(1, layers))
+    row("fp32 activations: one block (mean of blocks 1..L-1)", predicted["one block"], rec.bytes_in(inner) / len(inner))
+    row("fp32 activations: one forward, total", predicted["total"], rec.bytes_in(set(range(layers)) | {"outside"}))
+    del v, rec
+
+    # 2. the same forward with diffusers' per-block gradient checkpointing: block inputs kept + what is saved outside
+    transformer.enable_gradient_checkpointing()
+    v, rec = student_forward(transformer, c, n_side, n_txt, torch.float32, False, gen)
+    predicted = forward_activations(c, rank, n_img, n_txt, "fp32", True)
+    row("fp32 checkpointed forward: block inputs kept + outside", predicted["total"],
+        sum(rec.inputs.values()) + rec.bytes_in({"outside"}))
+    transformer.disable_gradient_checkpointing()
+    del v, rec, opts
+
+    # 3. bf16 base, fp32 LoRAs (as on CUDA), CPU bf16 autocast: the dtype rules
+    transformer.to(torch.bfloat16)
+    for a in ("student", "critic"):
+        for p in cl.adapter_params(transformer, a):
+            p.data = p.data.float()
+    v, rec = student_forward(transformer, c, n_side, n_txt, torch.bfloat16, True, gen)
+    predicted = forward_activations(c, rank, n_img, n_txt, "cpu-bf16", False)
+    casts = 2 * lora_params(c, rank)  # autocast's bf16 copies of the student's fp32 weights, saved by its linears
+    row("cpu-bf16 activations: one block (mean of blocks 1..L-1)", predicted["one block"] + casts / layers,
+        rec.bytes_in(inner) / len(inner))
+    row("cpu-bf16 activations: one forward, total (incl. bf16 weight casts)", predicted["total"] + casts,
+        rec.bytes_in(set(range(layers)) | {"outside"}))
+    seconds = time.perf_counter() - t0
+    notes = (f"model: {base_params(c) / 1e6:.1f}M params ({layers} blocks, {heads} heads x 128 = width "
+             f"{heads * 128}), LoRA r={rank} on the Qwen target list ({lora_params(c, rank) / 1e6:.1f}M each), teacher "
+             f"slot r={teacher_rank}; one edit at {side}x{side}: {n_img} image + {n_txt} text tokens; fp32 student + "
+             f"critic steps {step_seconds:.1f} s, whole check {seconds:.1f} s")
+    return rows, notes
+
+
+# ---- the tables ----
+
+def fmt_gb(x: float) -> str:
+    return f"{x / GB:,.2f}"
+
+
+def fit(total: float) -> str:
+    fits = [f"{cap}" for cap in CARDS if total / GB <= cap - RESERVE_GB]
+    return f"{total / GB:,.1f} " + (f"(fits {fits[0]})" if fits else "(no)")
+
+
+def table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rank", type=int, default=128, help="student and critic LoRA rank (alpha = rank), the paper's 128")
+    p.add_argument("--teacher_rank", type=int, nargs="+", default=[32, 128],
+                   help="teacher slot ranks to count (the slot = the largest teacher rank); the first-GPU table uses the last")
+    p.add_argument("--text_tokens", type=int, default=256,
+                   help="prompt tokens: the 384^2 condition image (~196 Qwen2.5-VL tokens) + template + instruction")
+    p.add_argument("--sides", type=int, nargs="+", default=[512, 1024], help="output image sides")
+    p.add_argument("--graphs", type=int, default=3, help="forward graphs alive at the student's backward (effect "
+                   "stream: DMD on backward simulation, target simulation, TA-FM)")
+    p.add_argument("--no_check", action="store_true", help="skip the CPU measurement")
+    p.add_argument("--check_layers", type=int, default=8)
+    p.add_argument("--check_heads", type=int, default=6)
+    p.add_argument("--check_side", type=int, default=256)
+    p.add_argument("--out", help="also write the tables to this markdown file")
+    args = p.parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()
+    out, t_start = [], time.perf_counter()
+
+    def say(text=""):
+        print(text, flush=True)
+        out.append(text)
+
+    say(f"# Memory plan: CollectionLoRA on Qwen-Image-Edit-2509 (rank {args.rank})\n")
+    say(f"{datetime.datetime.now().isoformat(timespec='minutes')} | {platform.platform()} | {platform.machine()} | "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads | torch {torch.__version__}, "
+        f"diffusers {__import__('diffusers').__version__}, peft {__import__('peft').__version__}\n")
+
+    # -- parameters, counted on meta --
+    defaults = class_defaults()
+    assert defaults == QWEN_IMAGE, f"diffusers' QwenImageTransformer2DModel defaults changed: {defaults}"
+    c = QWEN_IMAGE
+    t0 = time.perf_counter()
+    groups = count_real_model(args.rank, args.teacher_rank)
+    meta_seconds = time.perf_counter() - t0
+    assert groups["base"][0] == base_params(c), (groups["base"][0], base_params(c))
+    for name, r in [("student", args.rank), ("critic", args.rank)] + [(f"teacher{r}", r) for r in args.teacher_rank]:
+        assert groups[name][0] == lora_params(c, r), (name, groups[name][0], lora_params(c, r))
+    say(f"## Parameters (counted on `meta`, {meta_seconds:.0f} s)\n")
+    say(f"Transformer config = diffusers {__import__('diffusers').__version__} `QwenImageTransformer2DModel` class "
+        f"defaults ({', '.join(f'{k}={v}' for k, v in c.items())}); asserted equal here. diffusers' docs load Qwen-Image's "
+        f"transformer with them; Qwen-Image-Edit-2509 is that 20B model fine-tuned (same shapes; not checked against "
+        f"the hub's config.json: no internet). Every count below equals the closed-form count in this script.\n")
+    rows = [("base transformer", f"{groups['base'][0]:,}", str(groups["base"][1])[6:], fmt_gb(nbytes(groups["base"])))]
+    for name in ["student", "critic"] + [f"teacher{r}" for r in args.teacher_rank]:
+        label = {"student": f"student LoRA r={args.rank}", "critic": f"critic LoRA r={args.rank}"}.get(
+            name, f"teacher slot r={name.removeprefix('teacher')} (TeacherBank)")
+        rows.append((label, f"{groups[name][0]:,}", str(groups[name][1])[6:], fmt_gb(nbytes(groups[name]))))
+    say(table(["weights", "parameters", "dtype", "GB"], rows))
+    say("\nDtypes: those the adapters get on a bf16 base (the CUDA run's base dtype), read off a tiny bf16 model: "
+        "peft creates the teacher slot in its base layer's dtype and TeacherBank never casts it; "
+        "`add_trainable_adapters` casts student and critic to fp32.\n")
+
+    # -- fixed states --
+    n_lora = lora_params(c, args.rank)
+    base_b, teacher_b = nbytes(groups["base"]), nbytes(groups[f"teacher{args.teacher_rank[-1]}"])
+    trainable = 2 * n_lora * (4 + 4 + 8)  # student + critic: fp32 weights, grads, AdamW exp_avg + exp_avg_sq
+    cast_cache = 2 * 2 * n_lora  # autocast's bf16 copies of student and critic (both run inside one autocast region)
+    ddp_buckets = 2 * 4 * n_lora  # DDP (gradient_as_bucket_view=False): a flat copy of the grads
+    states = [("base transformer (bf16)", base_b),
+              (f"teacher slot r={args.teacher_rank[-1]} (bf16)", teacher_b),
+              ("student + critic fp32 weights", 2 * 4 * n_lora),
+              ("student + critic fp32 grads (apply_update frees a grad only at that optimiser's next step)", 2 * 4 * n_lora),
+              ("student + critic AdamW moments (fp32, 2 each)", 2 * 8 * n_lora),
+              ("autocast cast cache: bf16 copies of student + critic (cleared when autocast exits)", cast_cache),
+              ("DDP gradient buckets (data parallel, K > 1 only)", ddp_buckets)]
+    say("## Fixed memory per GPU, one process (K = 1)\n")
+    say(table(["state", "GB"], [(s, fmt_gb(b)) for s, b in states]))
+    say("")
+
+    # -- activations --
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    ptb = per_token_block(d, args.rank, c["num_attention_heads"], "cuda-bf16")
+    say(f"## Activations (CUDA bf16 autocast, batch 1 per GPU; formula)\n")
+    say(f"Saved for backward per token per block = {ptb:,.0f} bytes at width d={d}, r={args.rank} "
+        f"(= {ptb / d:.1f} d; fp32: {per_token_block(d, args.rank, 24, 'fp32') / d:.1f} d, CPU bf16 autocast: "
+        f"{per_token_block(d, args.rank, 24, 'cpu-bf16') / d:.1f} d):\n")
+    say(table(["saved tensor", "bytes/token/block (fp32, CPU bf16, CUDA bf16) x d"],
+              [(w, ", ".join(map(str, b))) for w, b in PER_TOKEN]
+              + [("6 LoRA-B inputs (rank r)", "24 r, 12 r, 12 r"), ("LayerNorm mean + rstd", "16, 8, 16 bytes"),
+                 ("q/k RMSNorm rstd + attention log-sum-exp (fp32)", "12 H bytes")]))
+    say("\nOne forward without checkpointing = L x N x that (+ 18 d + 2 r per block per sample, + norm_out's LayerNorm "
+        "input). With diffusers' per-block checkpointing (collectionlora's default on CUDA) a forward keeps L x N x d "
+        "bf16 (each block's two input streams); the backward recomputes one block at a time. N = image tokens (output + "
+        f"source, (side/16)^2 each) + {args.text_tokens} text tokens. The student update on the effect stream keeps "
+        f"{args.graphs} forward graphs until its single backward (DMD on backward simulation, target simulation, TA-FM); "
+        "the critic update keeps 1. Peak = graphs x kept + working set (1 block without checkpointing: the "
+        "gradients of the block being differentiated; 2 with: the recomputed block + its gradients).\n")
+    acts, rows = {}, []
+    for side in args.sides:
+        n_img, n_txt = tokens(side, args.text_tokens)
+        full = forward_activations(c, args.rank, n_img, n_txt, "cuda-bf16", False)
+        ckpt = forward_activations(c, args.rank, n_img, n_txt, "cuda-bf16", True)
+        acts[side] = {False: args.graphs * full["total"] + full["one block"],
+                      True: args.graphs * ckpt["total"] + 2 * full["one block"]}
+        rows.append((f"{side}^2", f"{n_img:,} + {n_txt}", fmt_gb(full["one block"]), fmt_gb(full["total"]),
+                     fmt_gb(ckpt["total"]), fmt_gb(full["total"] + full["one block"]),
+                     fmt_gb(ckpt["total"] + 2 * full["one block"]), fmt_gb(acts[side][False]), fmt_gb(acts[side][True])))
+    say(table(["output", "tokens img + txt", "one block", "forward (no ckpt)", "forward (ckpt)",
+               "critic peak (no ckpt)", "critic peak (ckpt)", f"student peak, {args.graphs} graphs (no ckpt)",
+               f"student peak, {args.graphs} graphs (ckpt)"], rows))
+    say("\n(GB. The critic update's on-policy sample and the student's no-grad forwards free their activations "
+        "layer by layer: not in the peak.)\n")
+
+    # -- per-GPU table --
+    block_gather = 2 * (base_b + teacher_b + 2 * 4 * n_lora) / c["num_layers"]  # FSDP2: 2 blocks unsharded (prefetch)
+
+    def per_gpu(k, fsdp, side, ckpt):
+        fixed = base_b + teacher_b + trainable
+        if fsdp:
+            return fixed / k + block_gather + cast_cache + acts[side][ckpt]
+        return fixed + (ddp_buckets if k > 1 else 0) + cast_cache + acts[side][ckpt]
+
+    say(f"## Peak memory per GPU (GB; fits = at most card - {RESERVE_GB:.0f} GB; teacher slot r={args.teacher_rank[-1]})\n")
+    header = ["GPUs", "layout"] + [f"{s}^2 {'ckpt' if ck else 'no ckpt'}" for s in args.sides for ck in (True, False)]
+    rows = [(k, "FSDP2" if fsdp else "data parallel", *(fit(per_gpu(k, fsdp, s, ck)) for s in args.sides
+                                                      for ck in (True, False)))
+            for fsdp in (False, True) for k in (1, 2, 4, 8) if not (fsdp and k == 1)]
+    say(table(header, rows))
+    say(f"\nData parallel: every GPU holds everything, one edit per GPU (global batch K), DDP buckets add "
+        f"{fmt_gb(ddp_buckets)} GB for K > 1. FSDP2 (fully_shard per block + root): base, teacher slot, LoRA weights, "
+        f"grads and AdamW sharded 1/K; + 2 unsharded blocks ({fmt_gb(block_gather)} GB) for the all-gather and its "
+        f"prefetch; activations and the autocast cast cache not sharded (the cache goes away with FSDP2's "
+        f"MixedPrecisionPolicy(param_dtype=bf16) in place of autocast: -{fmt_gb(cast_cache)} GB).\n")
+
+    # -- shared base vs the official layout --
+    rows = []
+    for side in args.sides:
+        ours = per_gpu(1, False, side, True)
+        official = ours + 2 * base_b  # teacher, student and critic each a full bf16 base
+        rows.append((f"{side}^2 ckpt, 1 GPU", fit(ours), fit(official), fmt_gb(official - ours)))
+        ours8, off8 = per_gpu(8, True, side, True), per_gpu(8, True, side, True) + 2 * base_b / 8
+        rows.append((f"{side}^2 ckpt, FSDP2 x 8", fit(ours8), fit(off8), fmt_gb(off8 - ours8)))
+    say("## One shared base (ours) vs three full models (official: teacher, student and critic each a base)\n")
+    say(table(["setting", "ours: 1 base + 3 adapters", "official: 3 bases", "difference"], rows))
+    say("\n(Same adapters, optimiser states and activations in both; the official layout adds 2 bf16 bases.)\n")
+
+    # -- CPU check --
+    if not args.no_check:
+        rows, notes = check_on_cpu(args.rank, args.teacher_rank[0], args.check_layers, args.check_heads,
+                                   args.check_side, 64)
+        say("## Check: predicted vs measured on a random mid-size model (CPU)\n")
+        say(notes + "\n")
+        say(table(["quantity", "predicted MB", "measured MB", "measured / predicted"],
+                  [(w, f"{pr / 1e6:,.2f}", f"{me / 1e6:,.2f}", f"{me / pr:.4f}") for w, pr, me in rows]))
+        say("\nMeasured = bytes of unique tensor storages: parameters, `.grad`, optimiser state; for activations "
+            "everything autograd saves (saved_tensors_hooks), parameters excluded; with checkpointing, the block "
+            "inputs the checkpoint keeps. The CUDA bf16 column above uses the CPU-checked formula with CUDA's "
+            "autocast rule for layer_norm (fp32); it is not measured here.\n")
+    say(f"(wall time {time.perf_counter() - t_start:.0f} s)")
+    if args.out:
+        Path(args.out).write_text("\n".join(out) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
