@@ -14,15 +14,11 @@ student LoRA that samples in 8 steps without CFG:
     prompts (AOP)   teacher sees its instruction; student and critic see "<trigger> instruction",
                     triggers chosen so the student prompts are as orthogonal as possible
 
-Run (python collectionlora.py --help: every knob):
+Run (python collectionlora.py --help: every knob; README: the folders, the memory plan, using the result in diffusers/ComfyUI):
     python collectionlora.py --base tiny --teachers examples/tiny_teachers ...               # CPU demo: README
     python collectionlora.py --teachers my_effects/ --general my_edits/ --out runs/mine     # GPU, Qwen-Image-Edit-2509
+    torchrun --nproc_per_node=8 collectionlora.py --teachers my_effects/ ...                 # 8 GPUs, data parallel
     python collectionlora.py --init runs/mine/lora --teachers new/ --replay my_effects/ ...  # add effects to it
-
-Use the result in stock diffusers (in ComfyUI: README; runs/mine/preview.png shows source | teacher | student):
-    pipe.load_lora_weights("runs/mine/lora")
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("runs/mine/lora", subfolder="scheduler")
-    pipe(image=img, prompt=student_prompt, num_inference_steps=8, true_cfg_scale=1.0)
 
 Deviations from the official code (causvid/), each on purpose:
  1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline) and cached, not made by hand.
@@ -39,12 +35,12 @@ Deviations from the official code (causvid/), each on purpose:
     bound, shifted again). Both keep TA-FM a coarse, high-noise anchor: sigma <= 0.5 in 3.4 % of draws here, 1.3 % there.
 10. --warmup N (default 0 = the paper): N cheap iterations of flow matching on the teacher outputs alone, then the critic
     starts as a copy of the student. The toy bench needs it to reach its teachers (README, "Toy EffectBench").
+11. Many GPUs: data parallel over the LoRA gradients, each rank a whole base (official: FSDP over 4+ GPUs, 3 bases).
 """
 import argparse
 import collections
 import contextlib
 import dataclasses
-import datetime
 import errno
 import functools
 import hashlib
@@ -274,8 +270,9 @@ STOCK_PROCESSOR = ("transformers", "Qwen2VLProcessor")  # model_index.json entry
 def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """The base editing pipeline: 'tiny' (random, built in code), or a hub id / local folder laid out as
     Qwen/Qwen-Image-Edit-2509 (tokenizer/, processor/, ...), whose processor we build image-only."""
-    if base == "tiny":
-        pipe = build_tiny_pipeline(seed).to(device)
+    if base == "tiny":  # the random CPU test model, built in code by examples/make_tiny_teachers.py (tests, smoke test)
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "examples"))
+        pipe = importlib.import_module("make_tiny_teachers").build_tiny_pipeline(seed).to(device)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)  # fp32 as built; diffusers warns on any cast
     from diffusers import QwenImageEditPlusPipeline
     from huggingface_hub.constants import HF_HUB_OFFLINE as offline
@@ -350,40 +347,6 @@ def decode(pipe, latents, width: int, height: int):
     mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(x)
     inv_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1).to(x)
     return pipe.image_processor.postprocess(pipe.vae.decode(x / inv_std + mean, return_dict=False)[0][:, :, 0])[0]
-
-
-def build_tiny_pipeline(seed: int = 0):
-    """A random QwenImageEditPlusPipeline for CPU tests (~0.2M-param transformer, byte-level tokenizer, 4-channel VAE)."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
-                           QwenImageTransformer2DModel)
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
-    torch.manual_seed(seed)
-    special = "<|endoftext|> <|im_start|> <|im_end|> <|vision_start|> <|vision_end|> <|image_pad|> <|video_pad|>".split()
-    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()) + special)}  # one token per byte
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=special[1:])
-    ids = tokenizer.convert_tokens_to_ids
-    hidden = 16  # text hidden size == transformer joint_attention_dim
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[1, 1, 2]),
-                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>")),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))).eval()
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                                              num_attention_heads=3, joint_attention_dim=hidden, axes_dims_rope=(8, 4, 4)).eval()
-    # A Qwen-Image-like scheduler (dynamic shifting): the teachers' sampler, not the student's.
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-                                                max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
-    pipe = QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                     transformer=transformer, processor=ImageOnlyProcessor(Qwen2VLImageProcessorPil(), tokenizer))
-    pipe.register_to_config(processor=STOCK_PROCESSOR)  # so save_pretrained writes a folder load_pipeline reads
-    return pipe
 
 
 # ---- Adapters on one shared base: student, critic and the teacher slot ----
@@ -595,17 +558,15 @@ def file_hash(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
-def nbytes(obj) -> int:
-    """The tensor bytes in a (nested) dict / list: about what torch.save writes."""
-    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj.values() if isinstance(obj, dict) else
-                                                               obj if isinstance(obj, (list, tuple)) else ()))
+def nbytes(obj) -> int:  # the tensor bytes in a nested dict / list: about what torch.save writes
+    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj)) \
+        if isinstance(obj, (dict, list, tuple)) else 0
 
 
 @contextlib.contextmanager
 def writing(tmp: Path, need: int):
-    """Around a write to `tmp` (a temporary file or folder): if it fails, `tmp` is removed, and a full disk (or quota, or
-    file-size limit) is one line that names the folder and the space needed (Stopped, exit 1). torch.save reports a
-    full disk as a RuntimeError from its C++ writer ("unexpected pos", "file write failed")."""
+    """Around a write to `tmp` (a temporary file or folder): if it fails, `tmp` goes, and a full disk (or quota, or file-size
+    limit; torch.save's C++ writer says "unexpected pos" or "file write failed") is one line naming folder and space."""
     try:
         yield
     except (OSError, RuntimeError) as e:
@@ -673,11 +634,8 @@ class TeacherBank:
 
 # ---- Router: Probabilistic Dual-Stream Routing (PDSR) ----
 
-@dataclass
-class Route:
-    stream: str        # "effect" or "general"
-    effect: int        # index into effects (-1 on the general stream)
-    sources: tuple     # batch_size indices into that effect's source pool (or the general pool)
+Route = collections.namedtuple("Route", "stream effect sources")  # "effect" or "general"; index into effects (-1 on the
+                                                                  # general stream); batch_size indices into its pool
 
 
 class Router:
@@ -811,15 +769,13 @@ class EditData:
         enc = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg))
         self.effect_inputs, self.targets = {}, {}
         items, (rank, world) = [(i, p) for i, pool in enumerate(self.pools) for p in pool], rank_and_world()
-
-        def fill(i, p):
+        for i, p in items[rank::world] if world > 1 else ():  # torchrun: each rank first fills its share of the cache
+            teacher_target(pipe, bank, i, p, cfg, teacher_scheduler)
+        if world > 1:
+            dist.barrier()
+        for i, p in tqdm(items, desc="teacher targets", disable=rank > 0):
             self.effect_inputs[i, p] = (enc(effects[i].student_prompt, p), enc(effects[i].instruction, p), enc("", p))
             self.targets[i, p] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler)
-        for i, p in tqdm(items[rank::world], desc="teacher targets", disable=rank > 0):  # under torchrun: this rank's share
-            fill(i, p)
-        if world > 1:  # then the other ranks' shares, read from the shared cache once every rank has written its own
-            dist.barrier()
-            [fill(i, p) for i, p in items if (i, p) not in self.targets]
         self.general_inputs = [(enc(instruction, image), enc("", image)) for image, instruction in general]
 
     def batch(self, r: Route, device) -> Batch:
@@ -987,35 +943,12 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
 
 
 # ---- Many processes (torchrun): data parallel over the LoRA gradients ----
-# torchrun --nproc_per_node=K collectionlora.py ...: every rank holds the whole base and all adapters (DDP's layout; what fits
-# where: README "Memory plan"). Each period's stream is shared, so every rank runs the same graph; each rank draws its own
-# effect, images and noise; gradients are averaged before every update. Rank 0 alone writes checkpoints, LoRA and preview.
+# torchrun --nproc_per_node=K collectionlora.py ...: every rank holds the whole base and all adapters (what fits where:
+# README "Memory plan"). Each period's stream is shared, so every rank runs the same graph; each rank draws its own effect,
+# images and noise; gradients are averaged before every update. Rank 0 alone writes checkpoints, LoRA and previews.
 
 def rank_and_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def average_gradients(params: list, finite: bool) -> bool:
-    """What DDP does to the gradients, without its wrapper (student and critic alternate on one module): their mean over the
-    ranks. A rank whose loss is not finite sends NaN, so that every rank skips that update (apply_update). Single process:
-    returns `finite`."""
-    if not dist.is_initialized():
-        return finite
-    grads = [p.grad if finite and p.grad is not None else torch.full_like(p, 0.0 if finite else float("nan")) for p in params]
-    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
-        work.wait()
-    for p, g in zip(params, grads):
-        p.grad = g / dist.get_world_size()
-    return True
-
-
-def on_any_rank(flag: bool, device) -> bool:
-    """True on every rank when true on one: a signal reaches each rank at its own step, but all must stop at the same one."""
-    if not dist.is_initialized():
-        return flag
-    flag = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 def gather(obj) -> list:
@@ -1026,13 +959,24 @@ def gather(obj) -> list:
     return objs
 
 
+def average_gradients(params: list, finite: bool) -> bool:
+    """DDP's work without its wrapper (student and critic take turns on one module): every gradient becomes its mean over
+    the ranks. A rank whose loss is not finite sends NaN, so every rank skips that update. One process: returns `finite`."""
+    if not dist.is_initialized():
+        return finite
+    for p in params:  # a LoRA the graph did not reach gets 0, as DDP's find_unused_parameters
+        p.grad = p.grad if finite and p.grad is not None else torch.full_like(p, 0.0 if finite else torch.nan)
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
+    return True
+
+
 # ---- Train loop, checkpoints, export, preview ----
 
 @contextlib.contextmanager
 def deferred_signals():
-    """While training, SIGINT/SIGTERM only set a flag: the loop finishes its step, writes a checkpoint
-    and stops. A second signal stops at once (the last checkpoint stays valid), except under torchrun, which relays the
-    first to every rank (and kills them if they take too long)."""
+    """While training, SIGINT/SIGTERM only set a flag: the loop finishes its step, writes a checkpoint and stops. A second
+    signal stops at once (the last checkpoint stays valid); not under torchrun, which relays the first one to every rank."""
     def handler(signum, frame):
         if caught and int(os.environ.get("WORLD_SIZE", 1)) == 1:
             raise KeyboardInterrupt
@@ -1056,8 +1000,7 @@ def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_criti
     state = {"step": step, "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(), "gen": gens}
     for name in ("student", "critic"):
         state[name] = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
-    path = folder / f"step_{step:08d}.pt"
-    atomic_save(state, path)
+    atomic_save(state, path := folder / f"step_{step:08d}.pt")
     for old in sorted(folder.glob("step_*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -1066,8 +1009,7 @@ def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_criti
 def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> int:
     """Restore a save_checkpoint() file in place; returns its step."""
     state, (rank, world) = torch.load(path, weights_only=True, map_location="cpu"), rank_and_world()  # weights only: safe
-    gens = state["gen"] if isinstance(state["gen"], list) else [state["gen"]]  # one process, before torchrun support
-    if len(gens) != world:
+    if len(gens := state["gen"]) != world:
         raise InputError(f"--resume: {path} was written by {len(gens)} processes, this run has {world} -- resume with the "
                          f"same number of processes (torchrun --nproc_per_node)")
     if rank == 0:
@@ -1180,8 +1122,8 @@ def train(cfg: Config) -> Path | None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     effects, general, old = read_inputs(cfg)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # torchrun: one process per device
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-    (rank, world), out = rank_and_world(), Path(cfg.out)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, out = rank_and_world()[0], Path(cfg.out)
     ckpt_dir, log = out / "checkpoints", out / "log.jsonl"
 
     # --- models: ONE base transformer carries the teacher slot, the student and the critic ---
@@ -1196,23 +1138,19 @@ def train(cfg: Config) -> Path | None:
     with image_sizes(cfg):
         others = [o["student_prompt"] for o in old if o["name"] not in {e.name for e in effects}]
         bank, data, aop = prepare(pipe, cfg, effects, general, others)  # the last step that may refuse the input
-    if cfg.overwrite and rank == 0:  # only now: a refused run leaves the previous one intact
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        shutil.rmtree(out / "lora", ignore_errors=True)
-        [p.unlink() for p in (out / "preview.png", log, *out.glob("preview_*.png")) if p.exists()]
+    for p in (ckpt_dir, out / "lora", out / "preview.png", log, *out.glob("preview_*.png")) if cfg.overwrite and rank == 0 else ():
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)  # only now: a refused run leaves the previous one
     if rank == 0:
         print(f"AOP: {len(effects)} student prompts; largest pairwise cosine {aop['naive_max_cos']:.3f} with naive triggers -> "
               f"{aop['chosen_max_cos']:.3f} chosen" if cfg.aop else "no AOP (--no-aop): the student prompts are the teacher "
               f"instructions; largest pairwise cosine {aop['chosen_max_cos']:.3f}")
     add_trainable_adapters(transformer, cfg)
     if cuda:  # every input is encoded: the text encoder and VAE can leave the GPU
-        pipe.text_encoder.to("cpu")
-        pipe.vae.to("cpu")
+        pipe.text_encoder.to("cpu"), pipe.vae.to("cpu")
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-    betas = (cfg.beta1, cfg.beta2)
-    opt_student = torch.optim.AdamW(adapter_params(transformer, "student"), cfg.lr, betas, weight_decay=cfg.weight_decay)
-    opt_critic = torch.optim.AdamW(adapter_params(transformer, "critic"), cfg.critic_lr, betas, weight_decay=cfg.weight_decay)
+    opt_student, opt_critic = (torch.optim.AdamW(adapter_params(transformer, name), lr, (cfg.beta1, cfg.beta2),
+                                                 weight_decay=cfg.weight_decay) for name, lr in (("student", cfg.lr), ("critic", cfg.critic_lr)))
     router = Router(len(effects), [len(p) for p in data.pools], len(general), cfg.p_switch, cfg.route_every, cfg.seed,
                     cfg.batch_size, sum(e.name in {o["name"] for o in old} for e in effects), cfg.replay_p, rank)
     gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)  # each rank its own noise
@@ -1246,7 +1184,7 @@ def train(cfg: Config) -> Path | None:
                     + f" | {seconds:.3f} s/step")
                 with log.open("a") as f:  # this step's losses only
                     f.write(json.dumps({"step": step + 1, "stream": route.stream, "effect": what} | logs | {"s_step": seconds}) + "\n")
-            stop = on_any_rank(bool(signals), device)  # every rank stops after the same step
+            stop = any(gather(bool(signals)))  # a signal reaches each rank at its own step: all stop after the same one
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop or nonfinite >= cfg.max_nonfinite:
                 path = save_checkpoint(ckpt_dir, step + 1, transformer, opt_student, opt_critic, gen, cfg.keep_checkpoints)
             if cfg.preview_every and (step + 1) % cfg.preview_every == 0 and rank == 0:
@@ -1257,11 +1195,11 @@ def train(cfg: Config) -> Path | None:
                               f"{' and '.join(skipped)} on '{what}') -- checkpoint {path}; lower --lr or check that "
                               f"effect's LoRA, then rerun with --resume", 1)
             if stop:
-                sig, resume = signals[0] if signals else signal.SIGTERM, "--resume instead of --overwrite" if cfg.overwrite else "--resume"
+                sig, resume = (signals or [signal.SIGTERM])[0], "--resume instead of --overwrite" if cfg.overwrite else "--resume"
                 raise Stopped(f"{signal.Signals(sig).name}: stopped after step {step + 1}, checkpoint {path} -- "
                               f"rerun the same command with {resume} to continue", 128 + sig)
-    if len(set(gather(hashlib.sha256(torch.cat([p.detach().flatten().cpu() for p in adapter_params(transformer, "student")])
-                                     .numpy().tobytes()).hexdigest()))) > 1:  # checked, not assumed
+    student = torch.cat([p.detach().flatten() for p in adapter_params(transformer, "student")]).cpu().numpy()
+    if len(set(gather(hashlib.sha256(student.tobytes()).hexdigest()))) > 1:  # every rank's student: checked, not assumed
         raise RuntimeError("the ranks ended with different students -- a bug in the gradient averaging: please report it")
     if rank > 0:
         return None
@@ -1289,13 +1227,6 @@ def train(cfg: Config) -> Path | None:
 
 # ---- Inference with the stock pipeline ----
 
-def load_student(pipe, lora_dir) -> None:
-    """Load an exported student into a stock pipeline: the LoRA and its 8-step scheduler."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    pipe.load_lora_weights(str(lora_dir))
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
-
-
 @torch.no_grad()
 def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type: str = "pil", guidance: float = 1.0):
     """Editing with the stock pipeline: the student in few steps without CFG (distilled to need none), a teacher with CFG
@@ -1312,35 +1243,30 @@ def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type:
 # ---- CLI ----
 
 def main(argv=None) -> int:
-    """The CLI: a one-line message and an exit code for each way a run can end (under torchrun: once, from rank 0)."""
+    """The CLI: one line and an exit code for each way a run can end (under torchrun, said once: by rank 0)."""
     rank = int(os.environ.get("RANK", 0))
-    report = functools.partial(print, file=sys.stderr) if rank == 0 else lambda line: None
+    say = functools.partial(print, file=sys.stderr) if rank == 0 else lambda line: None
     try:
         train(parse_config(argv))
+        return 0
     except InputError as e:
-        report(f"error: {e}")
-        return 2
+        return say(f"error: {e}") or 2
     except Stopped as e:
-        report(e)
-        return e.code
+        return say(e) or e.code
     except torch.OutOfMemoryError:
-        report("error: out of GPU memory -- see README 'Memory plan': keep --gradient_checkpointing, lower --rank or "
-               "--batch_size, or add GPUs (torchrun); checkpoints already written are kept: rerun with --resume")
-        return 1
-    except RuntimeError as e:  # under torchrun: mostly a collective that lost a rank (gloo: "Connection closed by peer")
+        return say("error: out of GPU memory -- see README 'Memory plan': keep --gradient_checkpointing, lower --rank or "
+                   "--batch_size, or add GPUs (torchrun); checkpoints already written are kept: rerun with --resume") or 1
+    except RuntimeError as e:  # under torchrun, mostly a collective that lost a rank (gloo: "Connection closed by peer")
         if not dist.is_initialized():
             raise
-        print(f"rank {rank}: stopped ({str(e).splitlines()[0][:160]}) -- if another rank died, torchrun's report names it; "
-              f"the checkpoints already written are kept: rerun with --resume", file=sys.stderr)
-        return 1
+        return print(f"rank {rank}: stopped ({str(e).splitlines()[0][:160]}) -- if another rank died, torchrun's report "
+                     f"names it; the checkpoints already written are kept: rerun with --resume", file=sys.stderr) or 1
     except KeyboardInterrupt:
-        report("interrupted -- finished checkpoints and cached teacher targets are kept; rerun the same command "
-               "(with --resume once a checkpoint exists)")
-        return 130
+        return say("interrupted -- finished checkpoints and cached teacher targets are kept; rerun the same command "
+                   "(with --resume once a checkpoint exists)") or 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

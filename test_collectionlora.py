@@ -18,14 +18,14 @@ import pytest
 from peft.utils import set_peft_model_state_dict
 import torch
 from PIL import Image
-from diffusers import QwenImageEditPlusPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import collectionlora as cl
 
 sys.path.insert(0, str(Path(__file__).parent / "examples"))
-from make_tiny_teachers import make_tiny_teachers, random_image, random_lora  # noqa: E402
+from make_tiny_teachers import build_tiny_pipeline, make_tiny_teachers, random_image, random_lora  # noqa: E402
 
 ROOT = Path(__file__).parent
 EFFECTS = [("glow", "Add a warm glow", 4, 2.0), ("sketch", "Turn it into a sketch", 8, 8.0),
@@ -43,6 +43,12 @@ def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     make_tiny_teachers(root / "teachers", root / "general", n_images=1, effects=EFFECTS)
     return root
+
+
+def load_student(pipe, lora_dir) -> None:
+    """An exported student in a stock pipeline, as the README says: the LoRA, then its 8-step scheduler."""
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
 
 
 def tiny_config(root: Path, out: Path, **kw) -> cl.Config:
@@ -107,7 +113,7 @@ def to_kohya(peft_sd: dict, alpha: float) -> dict:
 
 def make_bank(tmp_path, loras):
     """A teachers folder from (name, state_dict-or-None, config) and a bank on a fresh tiny pipeline."""
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     for name, sd, config, kohya in loras:
         folder = tmp_path / "teachers" / name
         folder.mkdir(parents=True)
@@ -122,24 +128,24 @@ def make_bank(tmp_path, loras):
 
 
 def test_rank4_teacher_in_rank8_slot_matches_diffusers_loading(tmp_path):
-    donor = cl.build_tiny_pipeline(0)
+    donor = build_tiny_pipeline(0)
     sd4, c4 = random_lora(donor, 4, 2.0, seed=1)   # alpha != rank: the scale must be carried over
     sd8, c8 = random_lora(donor, 8, 8.0, seed=2)
     pipe, bank = make_bank(tmp_path, [("a", sd4, c4, False), ("b", sd8, c8, False)])
     assert bank.rank == 8
-    reference = cl.build_tiny_pipeline(0)
+    reference = build_tiny_pipeline(0)
     reference.load_lora_weights(str(tmp_path / "teachers" / "a" / "lora.safetensors"))
     bank.swap(0)
     cl.use_adapter(pipe.transformer, "teacher")
     expected = transformer_out(reference.transformer)
     torch.testing.assert_close(transformer_out(pipe.transformer), expected, rtol=0, atol=1e-5)
-    assert (expected - transformer_out(cl.build_tiny_pipeline(0).transformer)).abs().max() > 1e-2  # the LoRA matters
+    assert (expected - transformer_out(build_tiny_pipeline(0).transformer)).abs().max() > 1e-2  # the LoRA matters
     bank.swap(1)  # and swapping to the other teacher changes the output
     assert (transformer_out(pipe.transformer) - expected).abs().max() > 1e-2
 
 
 def test_kohya_and_diffusers_files_of_one_lora_give_the_same_teacher(tmp_path):
-    sd, config = random_lora(cl.build_tiny_pipeline(0), 4, 8.0, seed=3)
+    sd, config = random_lora(build_tiny_pipeline(0), 4, 8.0, seed=3)
     pipe, bank = make_bank(tmp_path, [("diffusers", sd, config, False), ("kohya", sd, config, True)])
     cl.use_adapter(pipe.transformer, "teacher")
     bank.swap(0)
@@ -149,16 +155,16 @@ def test_kohya_and_diffusers_files_of_one_lora_give_the_same_teacher(tmp_path):
 
 
 def test_disabled_teacher_is_exactly_the_base(tmp_path):
-    sd, config = random_lora(cl.build_tiny_pipeline(0), 4, 4.0, seed=4)
+    sd, config = random_lora(build_tiny_pipeline(0), 4, 4.0, seed=4)
     pipe, bank = make_bank(tmp_path, [("a", sd, config, False)])
     bank.swap(0)
     cl.use_adapter(pipe.transformer, None)
-    assert torch.equal(transformer_out(pipe.transformer), transformer_out(cl.build_tiny_pipeline(0).transformer))
+    assert torch.equal(transformer_out(pipe.transformer), transformer_out(build_tiny_pipeline(0).transformer))
 
 
 def test_gradients_reach_only_the_adapter_being_trained(teachers, tmp_path):
     cfg = tiny_config(teachers, tmp_path)
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     bank, data, _ = cl.prepare(pipe, cfg, cl.read_teachers(cfg.teachers), [])
     cl.add_trainable_adapters(pipe.transformer, cfg)
     with torch.no_grad():  # LoRA B starts at zero, which would hide gradients to A; make every adapter live
@@ -191,7 +197,7 @@ def test_the_critic_learns_the_samples_the_dmd_term_is_applied_to(teachers, tmp_
     Oracle 1: the sigma of the student's last call before each critic call covers all 8 student sigmas.
     Oracle 2: from one RNG state, the critic's training sample is exactly the DMD term's x0_hat."""
     cfg = tiny_config(teachers, tmp_path)
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     bank, data, _ = cl.prepare(pipe, cfg, cl.read_teachers(cfg.teachers), [])
     cl.add_trainable_adapters(pipe.transformer, cfg)
     b = data.batch(cl.Route("effect", 0, (0,)), "cpu")
@@ -234,7 +240,7 @@ def test_the_critic_learns_the_samples_the_dmd_term_is_applied_to(teachers, tmp_
 
 def test_a_warm_start_is_ta_fm_alone_then_the_critic_starts_as_the_student(teachers, tmp_path, monkeypatch):
     cfg = tiny_config(teachers, tmp_path, warmup=3, gen_every=2)
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     bank, data, _ = cl.prepare(pipe, cfg, cl.read_teachers(cfg.teachers), cl.read_inputs(cfg)[1])
     tr = pipe.transformer
     cl.add_trainable_adapters(tr, cfg)
@@ -266,7 +272,7 @@ def test_a_warm_start_is_ta_fm_alone_then_the_critic_starts_as_the_student(teach
 # ---- base pipelines: a local folder, image sizes ----
 
 def test_a_saved_pipeline_folder_loads_as_base_exactly(tmp_path):
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path / "base")
     index = json.loads((tmp_path / "base" / "model_index.json").read_text())
@@ -316,7 +322,7 @@ def test_adapter_init_depends_on_the_seed_only():
     cfg = cl.Config(rank=4, alpha=4)
     weights = []
     for burn in (0, 1000):  # a different global RNG history before the adapters are added
-        pipe = cl.build_tiny_pipeline(0)
+        pipe = build_tiny_pipeline(0)
         torch.rand(burn)
         cl.add_trainable_adapters(pipe.transformer, cfg)
         weights.append(torch.cat([p.flatten() for p in cl.adapter_params(pipe.transformer, "student")]))
@@ -335,7 +341,7 @@ def test_batch_sources_extend_the_single_draw():
 def test_a_padded_batch_predicts_what_each_edit_predicts_alone():
     """Prompts of different lengths are right-padded and masked: every sample of the batch must get the
     velocity it gets alone, or batching would change what the student learns."""
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     image = Image.new("RGB", (64, 64), (200, 30, 90))
     inputs = [cl.encode(pipe, image, p) for p in ("Invert", "Make it look like an old photograph, please", "")]
     assert len({c.embeds.shape[1] for c in inputs}) == 3  # really different lengths
@@ -349,7 +355,7 @@ def test_a_padded_batch_predicts_what_each_edit_predicts_alone():
 
 
 def test_chosen_triggers_are_more_orthogonal_than_naive_ones():
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     effects = [cl.Effect(f"fx{i}", "Apply the effect to the image", Path("x"), []) for i in range(6)]
     report = cl.choose_triggers(pipe, effects, seed=0)
     assert report["chosen_max_cos"] < report["naive_max_cos"] - 0.01
@@ -395,7 +401,7 @@ def test_distillation_moves_the_student_towards_every_teacher(trained):
 
 def test_teacher_targets_and_encodings_are_cached(teachers, trained, monkeypatch):
     cfg = tiny_config(teachers, trained[0])
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     effects = cl.read_teachers(cfg.teachers)
     bank = cl.TeacherBank(effects, pipe, cfg.cache)
     monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("teacher re-run despite the cache"))
@@ -414,20 +420,20 @@ def test_exported_lora_reproduces_the_student_in_a_stock_pipeline(teachers, trai
     prompt = meta["effects"][0]["student_prompt"]
     # the in-memory student: the trained weights from the last checkpoint, on a pipeline with all adapters
     cfg = tiny_config(teachers, out)
-    live = cl.build_tiny_pipeline(0)
+    live = build_tiny_pipeline(0)
     live.set_progress_bar_config(disable=True)
     cl.add_trainable_adapters(live.transformer, cfg)
     state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     set_peft_model_state_dict(live.transformer, state["student"], adapter_name="student")
     cl.use_adapter(live.transformer, "student")
     live.scheduler = cl.student_scheduler(cfg)
-    stock = cl.build_tiny_pipeline(0)
+    stock = build_tiny_pipeline(0)
     stock.set_progress_bar_config(disable=True)
-    cl.load_student(stock, lora)
+    load_student(stock, lora)
     a = cl.sample(live, image, prompt, seed=3, output_type="pt")
     b = cl.sample(stock, image, prompt, seed=3, output_type="pt")
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    base = cl.build_tiny_pipeline(0)
+    base = build_tiny_pipeline(0)
     base.scheduler = cl.student_scheduler(cfg)
     base.set_progress_bar_config(disable=True)
     assert (cl.sample(base, image, prompt, seed=3, output_type="pt") - a).abs().max() > 1e-3  # the LoRA matters
@@ -444,15 +450,15 @@ def test_preview_shows_source_teacher_target_and_the_exported_student(teachers, 
 
     def cell(row, col):
         return pixels[top + 66 * row: top + 66 * row + 64, left + 66 * col: left + 66 * col + 64]
-    stock = cl.build_tiny_pipeline(0)  # the exported student, reloaded: exactly the student column
+    stock = build_tiny_pipeline(0)  # the exported student, reloaded: exactly the student column
     stock.set_progress_bar_config(disable=True)
-    cl.load_student(stock, lora)
+    load_student(stock, lora)
     prompts = [e["student_prompt"] for e in json.loads((lora / "collectionlora.json").read_text())["effects"]]
     for row, e in enumerate(cl.read_teachers(teachers / "teachers")):
         image = Image.open(e.images[0]).convert("RGB")
         assert (cell(row, 0) == np.asarray(image.resize((64, 64), Image.LANCZOS))).all()
         assert (cell(row, 2) == np.asarray(cl.sample(stock, image, prompts[row], seed=0)[0])).all()
-        teacher = cl.build_tiny_pipeline(0)  # the teacher column: diffusers' own LoRA loading and CFG call
+        teacher = build_tiny_pipeline(0)  # the teacher column: diffusers' own LoRA loading and CFG call
         teacher.set_progress_bar_config(disable=True)
         teacher.load_lora_weights(str(e.lora_file))
         expected = teacher(image=image, prompt=e.instruction, negative_prompt="", true_cfg_scale=5.0, height=64, width=64,
@@ -463,7 +469,7 @@ def test_preview_shows_source_teacher_target_and_the_exported_student(teachers, 
 
 def test_stock_scheduler_visits_exactly_the_trained_sigmas(trained):
     from diffusers import FlowMatchEulerDiscreteScheduler
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(trained[1]), subfolder="scheduler")
     seen = []
@@ -507,10 +513,10 @@ def comfyui_unloaded_keys(lora: dict, model_keys) -> list:
 def test_the_comfyui_file_is_all_mapped_by_comfyui_and_merges_at_the_diffusers_strength(exported_alpha):
     lora, comfy_file, meta = exported_alpha
     comfy = load_file(str(comfy_file))
-    base = cl.build_tiny_pipeline(0).transformer
+    base = build_tiny_pipeline(0).transformer
     assert comfyui_unloaded_keys(comfy, base.state_dict()) == [] and len(comfy) == 3 * 28  # 28 LoRA modules
     assert comfyui_unloaded_keys({"transformer_blocks.0.attn.to_q.lora_up.weight": 0}, base.state_dict()) != []  # it can fail
-    stock = cl.build_tiny_pipeline(0)
+    stock = build_tiny_pipeline(0)
     stock.load_lora_weights(str(lora))  # the diffusers file, alpha from its peft config
     stock.fuse_lora(lora_scale=1.0)
     fused, merged = stock.transformer.state_dict(), 0
@@ -533,8 +539,8 @@ def test_diffusers_reads_the_comfyui_file_to_the_same_outputs(teachers, exported
     image = Image.open(next((teachers / "teachers").glob("*/images/*.png"))).convert("RGB")
     prompt = meta["effects"][0]["student_prompt"]
     outputs = []
-    for how in (lambda p: cl.load_student(p, lora), lambda p: p.load_lora_weights(str(comfy_file)), lambda p: None):
-        pipe = cl.build_tiny_pipeline(0)
+    for how in (lambda p: load_student(p, lora), lambda p: p.load_lora_weights(str(comfy_file)), lambda p: None):
+        pipe = build_tiny_pipeline(0)
         pipe.set_progress_bar_config(disable=True)
         how(pipe)
         pipe.scheduler = cl.student_scheduler(cl.Config())
@@ -550,15 +556,15 @@ def test_the_comfyui_file_read_back_as_a_teacher_is_the_student(exported_alpha, 
     shutil.copy(comfy_file, folder)
     random_image(torch.Generator().manual_seed(0)).save(folder / "images" / "0.png")
     (folder / "effect.json").write_text(json.dumps({"instruction": meta["effects"][0]["student_prompt"]}))
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     bank = cl.TeacherBank(cl.read_teachers(tmp_path / "teachers"), pipe, tmp_path / "cache")  # our own reader
     bank.swap(0)
     cl.use_adapter(pipe.transformer, "teacher")
-    stock = cl.build_tiny_pipeline(0)
-    cl.load_student(stock, lora)
+    stock = build_tiny_pipeline(0)
+    load_student(stock, lora)
     expected = transformer_out(stock.transformer)
     torch.testing.assert_close(transformer_out(pipe.transformer), expected, rtol=0, atol=1e-5)
-    assert (expected - transformer_out(cl.build_tiny_pipeline(0).transformer)).abs().max() > 1e-4
+    assert (expected - transformer_out(build_tiny_pipeline(0).transformer)).abs().max() > 1e-4
 
 
 def test_comfyui_lcm_with_the_simple_schedule_is_the_student_sampler(exported_alpha):
@@ -575,8 +581,8 @@ def test_comfyui_lcm_with_the_simple_schedule_is_the_student_sampler(exported_al
     torch.testing.assert_close(simple[:-1], cl.student_sigmas(8, 3.0), rtol=0, atol=1e-6)
     assert comfy["sigmas_exact"]
     # the lcm loop on the student, with the same noise draws, reaches backward_simulation's sample
-    pipe = cl.build_tiny_pipeline(0)
-    cl.load_student(pipe, exported_alpha[0])
+    pipe = build_tiny_pipeline(0)
+    load_student(pipe, exported_alpha[0])
     g = torch.Generator().manual_seed(5)
     c = cl.EditInputs(torch.randn(1, 7, 16, generator=g), None, torch.randn(1, 16, 16, generator=g), [[(1, 4, 4), (1, 4, 4)]])
     g.manual_seed(9)
@@ -594,15 +600,15 @@ def test_comfyui_lcm_with_the_simple_schedule_is_the_student_sampler(exported_al
 
 def test_an_exported_student_reloads_as_init_exactly(teachers, trained):
     out, lora = trained
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     cl.add_trainable_adapters(pipe.transformer, tiny_config(teachers, out, init=str(lora)))
-    stock = cl.build_tiny_pipeline(0)
-    cl.load_student(stock, lora)
+    stock = build_tiny_pipeline(0)
+    load_student(stock, lora)
     expected = transformer_out(stock.transformer)
     for adapter in ("student", "critic"):  # before any step: the exported student, and the critic starts as it
         cl.use_adapter(pipe.transformer, adapter)
         torch.testing.assert_close(transformer_out(pipe.transformer), expected, rtol=0, atol=1e-6)  # float rounding
-    assert (expected - transformer_out(cl.build_tiny_pipeline(0).transformer)).abs().max() > 1e-3  # the LoRA matters
+    assert (expected - transformer_out(build_tiny_pipeline(0).transformer)).abs().max() > 1e-3  # the LoRA matters
 
 
 def test_extending_keeps_the_old_prompts_and_records_which_run_added_each_effect(teachers, trained, tmp_path):
@@ -627,7 +633,7 @@ def test_extending_keeps_the_old_prompts_and_records_which_run_added_each_effect
 
 
 def test_new_triggers_avoid_the_prompts_the_student_already_knows(teachers):
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     known = [f"<{i:04d}_old_Ab{i:04d}> Turn it into a sketch" for i in range(6)]
     empty = cl.prompt_embedding(pipe, "")
     worst = lambda p: max(torch.nn.functional.cosine_similarity(cl.prompt_embedding(pipe, p) - empty,
@@ -662,7 +668,7 @@ def test_a_changed_teacher_file_invalidates_only_its_cached_targets(teachers, tm
     monkeypatch.setattr(QwenImageEditPlusPipeline, "__call__", lambda *a, **k: calls.append(1) or run_teacher(*a, **k))
 
     def targets():
-        pipe = cl.build_tiny_pipeline(0)
+        pipe = build_tiny_pipeline(0)
         pipe.set_progress_bar_config(disable=True)
         effects = cl.read_teachers(cfg.teachers)
         bank = cl.TeacherBank(effects, pipe, cfg.cache)
@@ -904,15 +910,15 @@ def test_a_bf16_base_under_cpu_autocast_trains_finite_fp32_loras_that_reload(tea
     tensors = lora_tensors(lora)
     assert {t.dtype for t in tensors.values()} == {torch.float32} and any(t.abs().sum() > 0 for k, t in tensors.items()
                                                                          if "lora_B" in k)
-    stock = cl.build_tiny_pipeline(0)
-    cl.load_student(stock, lora)
+    stock = build_tiny_pipeline(0)
+    load_student(stock, lora)
     image = Image.open(cl.read_teachers(cfg.teachers)[0].images[0]).convert("RGB")
     assert torch.isfinite(cl.sample(stock, image, "x", output_type="latent")).all()
 
 
 def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(teachers, tmp_path):
     cfg = tiny_config(teachers, tmp_path)
-    pipe = cl.build_tiny_pipeline(0)
+    pipe = build_tiny_pipeline(0)
     bank, data, _ = cl.prepare(pipe, cfg, cl.read_teachers(cfg.teachers), [])
     cl.add_trainable_adapters(pipe.transformer, cfg)
     with torch.no_grad():
@@ -1032,8 +1038,8 @@ def test_torchrun_two_ranks_train_one_student_write_once_and_refuse_bad_input_on
                                           ["config"] | {"out": str(tmp_path / "one"), "target_modules": cl.QWEN_TARGET_MODULES})))
     two = lora_tensors(tmp_path / "out" / "lora")
     assert one.keys() == two.keys() and any(not torch.equal(one[k], two[k]) for k in one)  # rank 1's gradients count
-    stock = cl.build_tiny_pipeline(0)
-    cl.load_student(stock, tmp_path / "out" / "lora")  # the export reloads
+    stock = build_tiny_pipeline(0)
+    load_student(stock, tmp_path / "out" / "lora")  # the export reloads
     # a checkpoint of 2 ranks is refused by 1 process, and bad input is reported once, with exit 2 on every rank
     r = run_cli("--base", "tiny", "--teachers", str(ROOT / "examples" / "tiny_teachers"), "--general",
                 str(ROOT / "examples" / "tiny_general"), "--out", str(tmp_path / "out"), "--rank", "4", "--alpha", "4",
@@ -1078,7 +1084,7 @@ def deltas(lora: dict) -> dict:
 
 def test_effectbench_merges_cat_is_the_sum_svd_the_best_low_rank_and_one_teacher_merges_to_itself(teachers, tmp_path):
     effects = [eb.Effect(name, instruction, None, 1) for name, instruction, _, _ in EFFECTS]  # ranks 4, 8, 4
-    read = lambda f: deltas(cl.read_lora(f, QwenImageEditPlusPipeline, cl.build_tiny_pipeline(0).transformer))
+    read = lambda f: deltas(cl.read_lora(f, QwenImageEditPlusPipeline, build_tiny_pipeline(0).transformer))
     each = [read(teachers / "teachers" / e.name / f"{e.name}.safetensors") for e in effects]
     merges = eb.stage_merges(effects, teachers / "teachers", "tiny", tmp_path / "merges")
     cat, svd = read(merges["cat"] / "pytorch_lora_weights.safetensors"), read(merges["svd"] / "pytorch_lora_weights.safetensors")

@@ -89,6 +89,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import collectionlora as cl
+from make_tiny_teachers import build_tiny_pipeline  # the random tiny pipeline (--base tiny)
 
 SIZE = 32                # source pictures are SIZE x SIZE RGB
 CELL = 4                 # pixels per latent cell (the VAE downsamples twice)
@@ -453,7 +454,7 @@ def train_tokenizer(template: str, prompts: list):
     one token (the system prompt is 64 tokens, exactly Qwen's drop index) and unknown strings such as
     triggers fall back to bytes. Few tokens keep the joint attention cheap."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    byte_level = cl.build_tiny_pipeline(0).tokenizer.backend_tokenizer.pre_tokenizer
+    byte_level = build_tiny_pipeline(0).tokenizer.backend_tokenizer.pre_tokenizer
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = byte_level
     t.add_special_tokens(SPECIAL)
@@ -491,7 +492,7 @@ def assemble_pipeline(vae, transformer, vocab, merges, seed: int):
     encoder stays collectionlora's random one (it is never trained: the transformer learns to read it)."""
     from diffusers import QwenImageEditPlusPipeline
     from transformers import Qwen2Tokenizer
-    tiny = cl.build_tiny_pipeline(seed)
+    tiny = build_tiny_pipeline(seed)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=SPECIAL[1:])
     torch.manual_seed(seed)
     tiny.text_encoder.resize_token_embeddings(len(vocab), mean_resizing=False)  # rows for the merged words (load_base overwrites them)
@@ -723,7 +724,7 @@ def stage_base(world: World, folder: Path, seed: int, vae_steps: int, base_steps
         return json.loads((folder / "effectbench_base.json").read_text())
     t0 = time.time()
     prompts = list(GENERAL_EDITS) + [e.instruction for e in world.effects]
-    vocab, merges = train_tokenizer(cl.build_tiny_pipeline(seed).prompt_template_encode, prompts + [""])
+    vocab, merges = train_tokenizer(build_tiny_pipeline(seed).prompt_template_encode, prompts + [""])
     torch.manual_seed(seed)
     pipe = assemble_pipeline(make_vae(), make_transformer(), vocab, merges, seed)
     # The VAE sees its own stream of procedural pictures (half of them through a general edit): no effect

@@ -2,7 +2,7 @@
 
     python examples/make_tiny_teachers.py examples/tiny_teachers examples/tiny_general
 
-Each effect is a random LoRA on `collectionlora.build_tiny_pipeline(seed)`'s transformer, saved the
+Each effect is a random LoRA on `build_tiny_pipeline(seed)`'s transformer (below; `--base tiny`), saved the
 way diffusers saves LoRAs (pytorch_lora_weights format + peft metadata), with mixed ranks and alphas
 so the rank-padded teacher slot is exercised. The pictures mean nothing -- the base is random --
 but every file is a real input in the documented format. For a meaningful toy world see
@@ -23,6 +23,40 @@ EFFECTS = [  # name, instruction, rank, alpha
     ("ink_sketch", "Turn the photo into an ink sketch", 8, 8.0),
     ("neon_edges", "Make the edges glow like neon", 4, 8.0),
 ]
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A random QwenImageEditPlusPipeline for CPU tests (~0.2M-param transformer, byte-level tokenizer, 4-channel VAE)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
+                           QwenImageTransformer2DModel)
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
+    torch.manual_seed(seed)
+    special = "<|endoftext|> <|im_start|> <|im_end|> <|vision_start|> <|vision_end|> <|image_pad|> <|video_pad|>".split()
+    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()) + special)}  # one token per byte
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=special[1:])
+    ids = tokenizer.convert_tokens_to_ids
+    hidden = 16  # text hidden size == transformer joint_attention_dim
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[1, 1, 2]),
+                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>")),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))).eval()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                              num_attention_heads=3, joint_attention_dim=hidden, axes_dims_rope=(8, 4, 4)).eval()
+    # A Qwen-Image-like scheduler (dynamic shifting): the teachers' sampler, not the student's.
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    pipe = QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                     transformer=transformer, processor=cl.ImageOnlyProcessor(Qwen2VLImageProcessorPil(), tokenizer))
+    pipe.register_to_config(processor=cl.STOCK_PROCESSOR)  # so save_pretrained writes a folder load_pipeline reads
+    return pipe
 
 
 def random_image(rng: torch.Generator, size: int = 64) -> Image.Image:
@@ -54,7 +88,7 @@ def random_lora(pipe, rank: int, alpha: float, seed: int, scale: float = 2.0):
 
 def make_tiny_teachers(teachers: Path, general: Path | None = None, n_images: int = 2, seed: int = 0,
                        effects=EFFECTS) -> None:
-    pipe = cl.build_tiny_pipeline(seed)
+    pipe = build_tiny_pipeline(seed)
     rng = torch.Generator().manual_seed(seed + 1)
     for i, (name, instruction, rank, alpha) in enumerate(effects):
         folder = Path(teachers) / name
