@@ -1157,7 +1157,8 @@ def train(cfg: Config) -> Path | None:
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
     start = load_checkpoint(max(ckpt_dir.glob("step_*.pt")), transformer, opt_student, opt_critic, gen) if cfg.resume else 0
     if rank == 0:  # log.jsonl: one line per logged step; a resumed run drops the lines written after its checkpoint
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= start] if log.exists() else []
+        kept = [line for line in log.read_text().splitlines() if line.endswith("}") and json.loads(line)["step"] <= start] \
+            if log.exists() else []  # a line cut short by a crash ends without its "}"
         atomic_save("".join(line + "\n" for line in kept), log, lambda text, tmp: tmp.write_text(text))
 
     # --- the loop: critic every step, student every gen_every ---

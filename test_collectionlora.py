@@ -807,6 +807,10 @@ BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags;
     "replay of an effect not in init": (lambda r: old_export(r) + ["--replay", str(r / "teachers")],
                                         "--replay effect 'ink_sketch' is not in the --init collection (old_fx)"),
     "replay_p above 1": (lambda r: ["--replay_p", "2"], "--replay_p 2.0 is invalid"),
+    "dtype not bf16/fp32": (lambda r: ["--dtype", "fp16"], "--dtype fp16 is invalid"),
+    "negative preview_every": (lambda r: ["--preview_every", "-1"], "--preview_every -1 is invalid"),
+    "out too small for its checkpoints": (lambda r: ["--keep_checkpoints", str(10 ** 12)],
+                                          "MiB free, its checkpoints and export need about"),
 }
 
 
@@ -951,11 +955,11 @@ def test_previews_while_training_and_log_jsonl_change_nothing_and_survive_a_resu
     assert [r["step"] for r in logs] == list(range(1, 9)) and {"stream", "effect", "critic", "s_step"} <= logs[0].keys()
     assert logs == [json.loads(line) | {"s_step": r["s_step"]} for line, r in
                     zip((tmp_path / "plain" / "log.jsonl").read_text().splitlines(), logs)]
-    # a crash after step 6 was logged but before its checkpoint: the resumed run logs steps 5..8 once, as before
+    # a crash after steps 5..8 were logged, before their checkpoint: the resumed run logs them once, as before
     (out / "checkpoints" / "step_00000008.pt").unlink()
     (out / "lora").rename(tmp_path / "lora_before")
     with (out / "log.jsonl").open("a") as f:
-        f.write(json.dumps({"step": 9, "stream": "stale"}) + "\n")
+        f.write(json.dumps({"step": 9, "stream": "stale"}) + '\n{"step": 10, "str')  # and a line the crash cut short
     resumed = lora_tensors(cl.train(tiny_config(teachers, out, max_steps=8, log_every=1, resume=True)))
     again = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == list(range(1, 9))
