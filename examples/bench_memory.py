@@ -15,10 +15,14 @@ What is exact, what is estimated:
     (torch.autograd.graph.saved_tensors_hooks, unique storages, parameters excluded) in fp32 and in CPU bf16 autocast.
     The CUDA bf16-autocast column differs from the CPU one only where the autocast op lists differ (layer_norm runs
     in fp32 on CUDA, in bf16 on CPU): that column is derived, not measured here.
-  * Peaks (graphs alive at once, backward working set, DDP buckets, FSDP all-gather buffers, the 3 GB reserve for
-    the CUDA context and fragmentation) are estimates; each is named where it is used.
+  * Peaks (graphs alive at once, backward working set, autocast's cast copies, the optimiser step's transient, FSDP2
+    all-gather buffers, the 3 GB reserve for the CUDA context and fragmentation) are estimates, each named where used.
+    FSDP2 rows say what sharding would give: collectionlora's torchrun mode is data parallel (every GPU holds all).
+  * Not counted: the text encoder and VAE (on the GPU while `prepare` encodes the inputs and computes the teacher
+    targets, and during previews; moved to the CPU for training).
 """
 import argparse
+import ctypes
 import datetime
 import inspect
 import os
@@ -29,8 +33,12 @@ import types
 import warnings
 from pathlib import Path
 
+import diffusers
+import peft
 import torch
 import torch.nn.functional as F
+from diffusers import QwenImageTransformer2DModel
+from peft import LoraConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import collectionlora as cl  # noqa: E402
@@ -66,7 +74,7 @@ PER_TOKEN = [
 ]
 # Per token per block, besides: 6 LoRA-B inputs per stream (rank r each), LayerNorm mean+rstd (2 norms), q/k RMSNorm
 # rstd (fp32, H per norm) and the attention log-sum-exp (fp32, H). Per sample per block: the modulation vectors
-# (18 d + 2 r elements). Outside the blocks: norm_out's LayerNorm input (image tokens).
+# (18 d + 2 r elements). Outside the blocks: norm_out's LayerNorm input and the RoPE table of the image tokens.
 
 
 def elt(mode: str) -> int:
@@ -78,6 +86,7 @@ def ln_bytes(mode: str) -> int:
 
 
 def per_token_block(d: int, r: int, heads: int, mode: str) -> float:
+    """Bytes saved for backward per token per block (the table above and the note below it)."""
     i = MODES.index(mode)
     return (sum(b[i] for _, b in PER_TOKEN) * d + 6 * r * elt(mode) + 2 * 2 * ln_bytes(mode)
             + 2 * heads * 4 + heads * 4)
@@ -88,10 +97,11 @@ def forward_activations(c: dict, rank: int, n_img: int, n_txt: int, mode: str, c
     Without checkpointing: every block's saved tensors (block 0 saves no LayerNorm-1 input: it needs no grad).
     With diffusers' per-block checkpointing: each block's two input streams (the residual dtype), plus one block's
     saved tensors while it is recomputed in the backward pass (counted by the caller as the working set)."""
-    d, heads, layers, n = c["num_attention_heads"] * c["attention_head_dim"], c["num_attention_heads"], c["num_layers"], n_img + n_txt
+    heads, layers, n = c["num_attention_heads"], c["num_layers"], n_img + n_txt
+    d = heads * c["attention_head_dim"]
     one_block = n * per_token_block(d, rank, heads, mode) + (18 * d + 2 * rank) * elt(mode)
     outside = (n_img * (d + 2) * ln_bytes(mode)  # norm_out's LayerNorm input, mean, rstd
-               + n * 4 * c["attention_head_dim"]  # RoPE tables (complex64, head_dim / 2 per token), shared by all blocks
+               + n_img * 4 * c["attention_head_dim"]  # image RoPE table (complex64, head_dim / 2 per token), all blocks
                + 2 * d * elt(mode))  # temb, norm_out's scale
     if checkpointing:
         blocks = layers * n * d * elt(mode)
@@ -121,9 +131,15 @@ def lora_params(c: dict, rank: int) -> int:
     return c["num_layers"] * rank * d * sum(i + o for i, o in LORA_SHAPES.values())
 
 
+def lora_params_with_grad(c: dict, rank: int) -> int:
+    """The last block's text-stream outputs (to_add_out, txt_mlp) never reach the image output: no grad, no AdamW state."""
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    unused = ("to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+    return lora_params(c, rank) - rank * d * sum(sum(LORA_SHAPES[m]) for m in unused)
+
+
 def add_teacher_slot(transformer, rank: int, name: str = "teacher") -> None:
     """The teacher slot exactly as TeacherBank adds it (rank = alpha, frozen), for teachers on the same target list."""
-    from peft import LoraConfig
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(cl.QWEN_TARGET_MODULES),
@@ -153,7 +169,6 @@ def count_real_model(rank: int, teacher_ranks) -> dict:
     """{group: (numel, dtype)}: the 20B transformer and the run's adapters counted on `meta`; dtypes from the same
     adapters on a tiny bf16 model on the CPU (as `collectionlora.train` loads the base on CUDA: bf16), because peft
     leaves adapters on `meta` in the default dtype instead of giving them their base layer's dtype."""
-    from diffusers import QwenImageTransformer2DModel
     with torch.device("meta"):
         transformer = QwenImageTransformer2DModel(**QWEN_IMAGE).requires_grad_(False)
     counts = group_params(transformer, with_run_adapters(transformer, rank, teacher_ranks))
@@ -169,7 +184,6 @@ def nbytes(group: tuple) -> int:
 
 
 def class_defaults() -> dict:
-    from diffusers import QwenImageTransformer2DModel
     sig = inspect.signature(QwenImageTransformer2DModel.__init__)
     return {k: tuple(v.default) if isinstance(v.default, list) else v.default for k, v in sig.parameters.items()
             if k in QWEN_IMAGE}
@@ -183,21 +197,25 @@ def tokens(side: int, text_tokens: int) -> tuple:
 
 # ---- the CPU check: predicted vs measured on a 0.2B random model ----
 
-def unique_bytes(tensors, skip=frozenset()) -> int:
+def unique_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind these tensors (views and shared tensors counted once)."""
     seen, total = set(), 0
     for t in tensors:
         key = t.untyped_storage().data_ptr()
-        if key not in seen and key not in skip:
+        if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
 
 
 class SavedTensors:
-    """Records every tensor autograd saves for backward (unique storages, parameters excluded), per transformer block."""
+    """Records every tensor autograd saves for backward (unique storages), per transformer block. The model's own tensors
+    (parameters, buffers, tensor attributes such as the RoPE table that text positions are sliced from) are left out."""
 
     def __init__(self, transformer):
-        self.params = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
+        own = [*transformer.parameters(), *transformer.buffers(),
+               *(t for m in transformer.modules() for t in vars(m).values() if torch.is_tensor(t))]
+        self.own = {t.untyped_storage().data_ptr() for t in own}
         self.block, self.saved, self.inputs, self.handles = "outside", {}, {}, []
         for i, block in enumerate(transformer.transformer_blocks):
             self.handles.append(block.register_forward_pre_hook(self.entering(i), with_kwargs=True))
@@ -208,33 +226,40 @@ class SavedTensors:
             self.block = i
             flat = [x for a in [*args, *kwargs.values()] for x in (a if isinstance(a, (tuple, list)) else [a])]
             for t in flat:  # what a checkpointed block keeps: its inputs (both streams, temb, the RoPE tables)
-                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in self.params:
+                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in self.own:
                     self.inputs.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         return hook
 
     def pack(self, t):
         key = t.untyped_storage().data_ptr()
-        if key not in self.params:
+        if key not in self.own:
             self.saved.setdefault(key, (self.block, t.untyped_storage().nbytes()))
         return t
 
     def bytes_in(self, where) -> int:
         return sum(nb for b, nb in self.saved.values() if b in where)
 
+    def kept_by_checkpointing(self) -> int:
+        """Block inputs (which torch's checkpoint also saves outside the blocks) and what is saved outside, once each."""
+        return sum(({k: nb for k, (b, nb) in self.saved.items() if b == "outside"} | self.inputs).values())
+
     def close(self):
         for h in self.handles:
             h.remove()
 
 
+def random_inputs(c: dict, n_side: int, n_txt: int, dtype, gen):
+    """Random encoded inputs of one edit with the fields collectionlora reads (an EditInputs): n_side^2 latent patches."""
+    return types.SimpleNamespace(embeds=torch.randn(1, n_txt, c["joint_attention_dim"], generator=gen).to(dtype), mask=None,
+                                 image_latents=torch.randn(1, n_side ** 2, c["in_channels"], generator=gen).to(dtype),
+                                 img_shapes=[[(1, n_side, n_side), (1, n_side, n_side)]])
+
+
 def student_forward(transformer, c, n_side: int, n_txt: int, dtype, autocast: bool, gen):
     """One student prediction through collectionlora.predict_v, recording what is saved; returns (v, SavedTensors)."""
     cl.use_adapter(transformer, "student")
-    n_img = n_side * n_side
-    inputs = types.SimpleNamespace(  # the fields predict_v reads (an EditInputs)
-        embeds=torch.randn(1, n_txt, c["joint_attention_dim"], generator=gen).to(dtype), mask=None,
-        image_latents=torch.randn(1, n_img, c["in_channels"], generator=gen).to(dtype),
-        img_shapes=[[(1, n_side, n_side), (1, n_side, n_side)]])
-    x_t = torch.randn(1, n_img, c["in_channels"], generator=gen)
+    inputs = random_inputs(c, n_side, n_txt, dtype, gen)
+    x_t = torch.randn(inputs.image_latents.shape, generator=gen)
     record = SavedTensors(transformer)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
             torch.autograd.graph.saved_tensors_hooks(record.pack, lambda t: t):
@@ -243,10 +268,54 @@ def student_forward(transformer, c, n_side: int, n_txt: int, dtype, autocast: bo
     return v, record
 
 
+def saved_at_first_backward(transformer, run) -> int:
+    """Bytes autograd has saved (unique storages, the model's own tensors excluded) when run() first calls backward."""
+    record, seen, backward = SavedTensors(transformer), [], torch.Tensor.backward
+
+    def noting_backward(tensor, *args, **kwargs):
+        if not seen:
+            seen.append(record.bytes_in(set(range(len(transformer.transformer_blocks))) | {"outside"}))
+        return backward(tensor, *args, **kwargs)
+    torch.Tensor.backward = noting_backward
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(record.pack, lambda t: t):
+            run()
+    finally:
+        torch.Tensor.backward = backward
+        record.close()
+    return seen[0]
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def malloc_bytes() -> int:
+    """Bytes the C allocator has handed out and not taken back (glibc mallinfo2: mmapped + heap in use), where torch's
+    CPU tensors live. Unlike the RSS it does not depend on whether freed memory went back to the system."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.hblkhd + info.uordblks
+
+
+def autocast_cache_bytes(numel: int) -> int:
+    """Bytes that stay allocated while autocast is on after one no-grad linear with an fp32 weight that requires grad
+    (as the critic's LoRA in the student update): torch caches the bf16 copy of such leaf tensors until autocast exits."""
+    weight = torch.zeros(numel // 1000, 1000, requires_grad=True)
+    x = torch.zeros(1, 1000)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = malloc_bytes()
+        torch.nn.functional.linear(x, weight)
+        inside = malloc_bytes()
+    return inside - before
+
+
 def check_on_cpu(rank: int, teacher_rank: int, layers: int, heads: int, side: int, n_txt: int) -> tuple:
     """Build a mid-size random transformer (the real one, narrower and shallower), add the run's adapters, run one
-    student and one critic step (forward, backward, AdamW) and compare bytes with the formulas. Returns (rows, notes)."""
-    from diffusers import QwenImageTransformer2DModel
+    student and one critic step (forward, backward, AdamW) and one collectionlora.train_step, and compare bytes with
+    the formulas. Returns (rows: (what, predicted bytes, measured bytes), notes)."""
     c = dict(QWEN_IMAGE, num_layers=layers, num_attention_heads=heads)
     n_side = side // 16  # latent patches per side of one image
     n_img, _ = tokens(side, n_txt)
@@ -267,9 +336,8 @@ def check_on_cpu(rank: int, teacher_rank: int, layers: int, heads: int, side: in
     v, rec = student_forward(transformer, c, n_side, n_txt, torch.float32, False, gen)
     cl.apply_update(F.mse_loss(v, torch.randn(v.shape, generator=gen)), opts["student"], cfg.grad_clip)
     cl.use_adapter(transformer, "critic")
-    v = cl.predict_v(transformer, torch.randn(v.shape, generator=gen), torch.tensor(0.3), types.SimpleNamespace(
-        embeds=torch.randn(1, n_txt, c["joint_attention_dim"]), mask=None, image_latents=torch.randn(v.shape),
-        img_shapes=[[(1, n_side, n_side), (1, n_side, n_side)]]))
+    v = cl.predict_v(transformer, torch.randn(v.shape, generator=gen), torch.tensor(0.3),
+                     random_inputs(c, n_side, n_txt, torch.float32, gen))
     cl.apply_update(F.mse_loss(v, torch.randn(v.shape, generator=gen)), opts["critic"], cfg.grad_clip)
     step_seconds = time.perf_counter() - t0
     named = dict(transformer.named_parameters())
@@ -278,8 +346,8 @@ def check_on_cpu(rank: int, teacher_rank: int, layers: int, heads: int, side: in
     row("base weights (fp32 on CPU)", 4 * base_params(c), unique_bytes(base))
     row(f"teacher slot r={teacher_rank}", 4 * lora_params(c, teacher_rank), unique_bytes(of["teacher"]))
     for a in ("student", "critic"):
-        n = lora_params(c, rank)
-        row(f"{a} weights r={rank}", 4 * n, unique_bytes(of[a]))
+        n = lora_params_with_grad(c, rank)
+        row(f"{a} weights r={rank}", 4 * lora_params(c, rank), unique_bytes(of[a]))
         row(f"{a} grads", 4 * n, unique_bytes(p.grad for p in of[a] if p.grad is not None))
         row(f"{a} AdamW moments (+ step counters)", 8 * n, unique_bytes(
             s for p in of[a] for s in opts[a].state[p].values() if torch.is_tensor(s)))
@@ -289,32 +357,50 @@ def check_on_cpu(rank: int, teacher_rank: int, layers: int, heads: int, side: in
     row("fp32 activations: one forward, total", predicted["total"], rec.bytes_in(set(range(layers)) | {"outside"}))
     del v, rec
 
-    # 2. the same forward with diffusers' per-block gradient checkpointing: block inputs kept + what is saved outside
+    # 2. one collectionlora.train_step on the effect stream, step 0 (a student update, then a critic update): what the
+    # student's loss keeps when its backward starts (DMD on backward simulation, target simulation, TA-FM: 3 graphs)
+    batch = types.SimpleNamespace(student=random_inputs(c, n_side, n_txt, torch.float32, gen), teacher_adapter="teacher",
+                                  teacher=random_inputs(c, n_side, n_txt, torch.float32, gen),
+                                  negative=random_inputs(c, n_side, 8, torch.float32, gen),
+                                  target=torch.randn(1, n_side ** 2, c["in_channels"], generator=gen))
+    t1 = time.perf_counter()
+    saved = saved_at_first_backward(transformer, lambda: cl.train_step(
+        0, transformer, batch, cl.student_sigmas(cfg.student_steps, cfg.shift), opts["student"], opts["critic"], cfg, gen,
+        torch.autocast("cpu", enabled=False)))
+    train_step_seconds = time.perf_counter() - t1
+    row("fp32 train_step, student update: saved when its backward starts (3 forwards)", 3 * predicted["total"], saved)
+
+    # 3. the same forward with diffusers' per-block gradient checkpointing: block inputs kept + what is saved outside
     transformer.enable_gradient_checkpointing()
     v, rec = student_forward(transformer, c, n_side, n_txt, torch.float32, False, gen)
     predicted = forward_activations(c, rank, n_img, n_txt, "fp32", True)
-    row("fp32 checkpointed forward: block inputs kept + outside", predicted["total"],
-        sum(rec.inputs.values()) + rec.bytes_in({"outside"}))
+    row("fp32 checkpointed forward: block inputs kept + outside", predicted["total"], rec.kept_by_checkpointing())
     transformer.disable_gradient_checkpointing()
     del v, rec, opts
 
-    # 3. bf16 base, fp32 LoRAs (as on CUDA), CPU bf16 autocast: the dtype rules
+    # 4. bf16 base, fp32 LoRAs (as on CUDA), CPU bf16 autocast: the dtype rules; and autocast's cast cache
     transformer.to(torch.bfloat16)
     for a in ("student", "critic"):
         for p in cl.adapter_params(transformer, a):
             p.data = p.data.float()
     v, rec = student_forward(transformer, c, n_side, n_txt, torch.bfloat16, True, gen)
     predicted = forward_activations(c, rank, n_img, n_txt, "cpu-bf16", False)
-    casts = 2 * lora_params(c, rank)  # autocast's bf16 copies of the student's fp32 weights, saved by its linears
+    # autocast's bf16 copies of the student's fp32 weights, saved by its linears -- except the modulation LoRA-A's: their
+    # input, SiLU(temb), needs no grad (the copies are still made, and cached while autocast is on)
+    casts = 2 * (lora_params(c, rank) - layers * 2 * rank * heads * c["attention_head_dim"])
     row("cpu-bf16 activations: one block (mean of blocks 1..L-1)", predicted["one block"] + casts / layers,
         rec.bytes_in(inner) / len(inner))
     row("cpu-bf16 activations: one forward, total (incl. bf16 weight casts)", predicted["total"] + casts,
         rec.bytes_in(set(range(layers)) | {"outside"}))
+    del v, rec
+    row("autocast cast cache: a no-grad bf16 linear with a 100M fp32 weight that requires grad (bytes still "
+        "allocated after it, autocast on; glibc mallinfo2)", 2e8, autocast_cache_bytes(100_000_000))
     seconds = time.perf_counter() - t0
-    notes = (f"model: {base_params(c) / 1e6:.1f}M params ({layers} blocks, {heads} heads x 128 = width "
-             f"{heads * 128}), LoRA r={rank} on the Qwen target list ({lora_params(c, rank) / 1e6:.1f}M each), teacher "
-             f"slot r={teacher_rank}; one edit at {side}x{side}: {n_img} image + {n_txt} text tokens; fp32 student + "
-             f"critic steps {step_seconds:.1f} s, whole check {seconds:.1f} s")
+    notes = (f"model: {base_params(c) / 1e6:.1f}M params ({layers} blocks, {heads} heads x {c['attention_head_dim']} = "
+             f"width {heads * c['attention_head_dim']}), LoRA r={rank} on the Qwen target list ({lora_params(c, rank) / 1e6:.1f}M each), teacher "
+             f"slot r={teacher_rank}; one edit at {side}x{side}: {n_img} image + {n_txt} text tokens; build and fp32 "
+             f"student + critic steps {step_seconds:.1f} s, one train_step {train_step_seconds:.1f} s, whole check "
+             f"{seconds:.1f} s")
     return rows, notes
 
 
@@ -361,11 +447,12 @@ def main(argv=None):
     say(f"# Memory plan: CollectionLoRA on Qwen-Image-Edit-2509 (rank {args.rank})\n")
     say(f"{datetime.datetime.now().isoformat(timespec='minutes')} | {platform.platform()} | {platform.machine()} | "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads | torch {torch.__version__}, "
-        f"diffusers {__import__('diffusers').__version__}, peft {__import__('peft').__version__}\n")
+        f"diffusers {diffusers.__version__}, peft {peft.__version__}\n")
 
     # -- parameters, counted on meta --
     defaults = class_defaults()
     assert defaults == QWEN_IMAGE, f"diffusers' QwenImageTransformer2DModel defaults changed: {defaults}"
+    assert set(LORA_SHAPES) == set(cl.QWEN_TARGET_MODULES), "collectionlora's LoRA target list changed"
     c = QWEN_IMAGE
     t0 = time.perf_counter()
     groups = count_real_model(args.rank, args.teacher_rank)
@@ -374,10 +461,11 @@ def main(argv=None):
     for name, r in [("student", args.rank), ("critic", args.rank)] + [(f"teacher{r}", r) for r in args.teacher_rank]:
         assert groups[name][0] == lora_params(c, r), (name, groups[name][0], lora_params(c, r))
     say(f"## Parameters (counted on `meta`, {meta_seconds:.0f} s)\n")
-    say(f"Transformer config = diffusers {__import__('diffusers').__version__} `QwenImageTransformer2DModel` class "
-        f"defaults ({', '.join(f'{k}={v}' for k, v in c.items())}); asserted equal here. diffusers' docs load Qwen-Image's "
-        f"transformer with them; Qwen-Image-Edit-2509 is that 20B model fine-tuned (same shapes; not checked against "
-        f"the hub's config.json: no internet). Every count below equals the closed-form count in this script.\n")
+    say(f"Transformer config = diffusers {diffusers.__version__} `QwenImageTransformer2DModel` class "
+        f"defaults ({', '.join(f'{k}={v}' for k, v in c.items())}); asserted equal here. They give the 20.4B "
+        f"transformer of Qwen-Image (diffusers' docs load it as Qwen/QwenImage-20B), which Qwen-Image-Edit-2509 "
+        f"fine-tunes with the same shapes -- not checked against the hub's config.json here (no internet). Every count "
+        f"below equals the closed-form count in this script.\n")
     rows = [("base transformer", f"{groups['base'][0]:,}", str(groups["base"][1])[6:], fmt_gb(nbytes(groups["base"])))]
     for name in ["student", "critic"] + [f"teacher{r}" for r in args.teacher_rank]:
         label = {"student": f"student LoRA r={args.rank}", "critic": f"critic LoRA r={args.rank}"}.get(
@@ -389,20 +477,23 @@ def main(argv=None):
         "`add_trainable_adapters` casts student and critic to fp32.\n")
 
     # -- fixed states --
-    n_lora = lora_params(c, args.rank)
+    n_lora, n_trained = lora_params(c, args.rank), lora_params_with_grad(c, args.rank)
     base_b, teacher_b = nbytes(groups["base"]), nbytes(groups[f"teacher{args.teacher_rank[-1]}"])
-    trainable = 2 * n_lora * (4 + 4 + 8)  # student + critic: fp32 weights, grads, AdamW exp_avg + exp_avg_sq
-    cast_cache = 2 * 2 * n_lora  # autocast's bf16 copies of student and critic (both run inside one autocast region)
-    ddp_buckets = 2 * 4 * n_lora  # DDP (gradient_as_bucket_view=False): a flat copy of the grads
-    states = [("base transformer (bf16)", base_b),
-              (f"teacher slot r={args.teacher_rank[-1]} (bf16)", teacher_b),
-              ("student + critic fp32 weights", 2 * 4 * n_lora),
-              ("student + critic fp32 grads (apply_update frees a grad only at that optimiser's next step)", 2 * 4 * n_lora),
-              ("student + critic AdamW moments (fp32, 2 each)", 2 * 8 * n_lora),
-              ("autocast cast cache: bf16 copies of student + critic (cleared when autocast exits)", cast_cache),
-              ("DDP gradient buckets (data parallel, K > 1 only)", ddp_buckets)]
-    say("## Fixed memory per GPU, one process (K = 1)\n")
-    say(table(["state", "GB"], [(s, fmt_gb(b)) for s, b in states]))
+    trainable = 2 * (4 * n_lora + (4 + 8) * n_trained)  # student + critic: fp32 weights, grads, AdamW exp_avg + exp_avg_sq
+    fixed = base_b + teacher_b + trainable
+    cache = 2 * 2 * n_lora  # autocast's bf16 copies of student and critic: both run inside one autocast region
+    update = 4 * n_trained  # after a backward: AdamW's foreach step allocates sqrt(v) for every parameter it updates
+    say("## Memory per GPU, one process\n")
+    say(table(["state", "GB"], [
+        ("base transformer (bf16)", fmt_gb(base_b)),
+        (f"teacher slot r={args.teacher_rank[-1]} (bf16)", fmt_gb(teacher_b)),
+        ("student + critic fp32 weights", fmt_gb(2 * 4 * n_lora)),
+        ("student + critic fp32 grads (apply_update frees a grad only at that optimiser's next step)", fmt_gb(2 * 4 * n_trained)),
+        ("student + critic AdamW moments (fp32, 2 each)", fmt_gb(2 * 8 * n_trained)),
+        ("**fixed, all steps**", f"**{fmt_gb(fixed)}**"),
+        ("while a loss is computed: autocast's bf16 copies of student + critic (cached while autocast is on)", fmt_gb(cache)),
+        ("after a backward: AdamW foreach step, sqrt(v) of the adapter (torchrun's average_gradients, at another "
+         "moment, holds the all-reduced grads and grad / K: the same size)", fmt_gb(update))]))
     say("")
 
     # -- activations --
@@ -417,48 +508,56 @@ def main(argv=None):
               + [("6 LoRA-B inputs (rank r)", "24 r, 12 r, 12 r"), ("LayerNorm mean + rstd", "16, 8, 16 bytes"),
                  ("q/k RMSNorm rstd + attention log-sum-exp (fp32)", "12 H bytes")]))
     say("\nOne forward without checkpointing = L x N x that (+ 18 d + 2 r per block per sample, + norm_out's LayerNorm "
-        "input). With diffusers' per-block checkpointing (collectionlora's default on CUDA) a forward keeps L x N x d "
-        "bf16 (each block's two input streams); the backward recomputes one block at a time. N = image tokens (output + "
-        f"source, (side/16)^2 each) + {args.text_tokens} text tokens. The student update on the effect stream keeps "
-        f"{args.graphs} forward graphs until its single backward (DMD on backward simulation, target simulation, TA-FM); "
-        "the critic update keeps 1. Peak = graphs x kept + working set (1 block without checkpointing: the "
-        "gradients of the block being differentiated; 2 with: the recomputed block + its gradients).\n")
+        "input and the image RoPE table). With diffusers' per-block checkpointing (collectionlora's default on CUDA) a "
+        "forward keeps L x N x d bf16 (each block's two input streams); the backward recomputes one block at a time. "
+        f"N = image tokens (output + source, (side/16)^2 each) + {args.text_tokens} text tokens. The student update on "
+        f"the effect stream keeps {args.graphs} forward graphs until its single backward (DMD on backward simulation, "
+        "target simulation, TA-FM); the critic update keeps 1. Peak of an update = graphs x kept + the larger of (a) "
+        f"the cast copies of student + critic ({fmt_gb(cache)} GB) at the end of the loss, (b) during the backward, "
+        "the working set (1 block without checkpointing: the gradients of the block being differentiated; 2 with: "
+        f"the recomputed block + its gradients) + the student's cast copies its graphs still hold ({fmt_gb(cache / 2)} "
+        "GB, none with checkpointing). The no-grad forwards (on-policy sample, teacher, fake score) free their "
+        "activations block by block: not in the peak.\n")
     acts, rows = {}, []
     for side in args.sides:
         n_img, n_txt = tokens(side, args.text_tokens)
         full = forward_activations(c, args.rank, n_img, n_txt, "cuda-bf16", False)
         ckpt = forward_activations(c, args.rank, n_img, n_txt, "cuda-bf16", True)
-        acts[side] = {False: args.graphs * full["total"] + full["one block"],
-                      True: args.graphs * ckpt["total"] + 2 * full["one block"]}
+
+        def peak(graphs, checkpointing):
+            kept = (ckpt if checkpointing else full)["total"]
+            working = (2 if checkpointing else 1) * full["one block"] + (0 if checkpointing else cache / 2)
+            return graphs * kept + max(cache, working)
+        acts[side] = {ck: peak(args.graphs, ck) for ck in (True, False)}
         rows.append((f"{side}^2", f"{n_img:,} + {n_txt}", fmt_gb(full["one block"]), fmt_gb(full["total"]),
-                     fmt_gb(ckpt["total"]), fmt_gb(full["total"] + full["one block"]),
-                     fmt_gb(ckpt["total"] + 2 * full["one block"]), fmt_gb(acts[side][False]), fmt_gb(acts[side][True])))
+                     fmt_gb(ckpt["total"]), fmt_gb(peak(1, False)), fmt_gb(peak(1, True)), fmt_gb(acts[side][False]),
+                     fmt_gb(acts[side][True])))
     say(table(["output", "tokens img + txt", "one block", "forward (no ckpt)", "forward (ckpt)",
-               "critic peak (no ckpt)", "critic peak (ckpt)", f"student peak, {args.graphs} graphs (no ckpt)",
-               f"student peak, {args.graphs} graphs (ckpt)"], rows))
-    say("\n(GB. The critic update's on-policy sample and the student's no-grad forwards free their activations "
-        "layer by layer: not in the peak.)\n")
+               "critic update peak (no ckpt)", "critic update peak (ckpt)",
+               f"student update peak, {args.graphs} graphs (no ckpt)", f"student update peak, {args.graphs} graphs (ckpt)"],
+              rows))
+    say("\n(GB; the update peaks include the cast copies.)\n")
 
     # -- per-GPU table --
     block_gather = 2 * (base_b + teacher_b + 2 * 4 * n_lora) / c["num_layers"]  # FSDP2: 2 blocks unsharded (prefetch)
 
     def per_gpu(k, fsdp, side, ckpt):
-        fixed = base_b + teacher_b + trainable
+        """fixed + the larger of the student update's activation peak and the optimiser step's transient."""
         if fsdp:
-            return fixed / k + block_gather + cast_cache + acts[side][ckpt]
-        return fixed + (ddp_buckets if k > 1 else 0) + cast_cache + acts[side][ckpt]
+            return fixed / k + block_gather + max(acts[side][ckpt], update / k)
+        return fixed + max(acts[side][ckpt], update)
 
     say(f"## Peak memory per GPU (GB; fits = at most card - {RESERVE_GB:.0f} GB; teacher slot r={args.teacher_rank[-1]})\n")
     header = ["GPUs", "layout"] + [f"{s}^2 {'ckpt' if ck else 'no ckpt'}" for s in args.sides for ck in (True, False)]
-    rows = [(k, "FSDP2" if fsdp else "data parallel", *(fit(per_gpu(k, fsdp, s, ck)) for s in args.sides
-                                                      for ck in (True, False)))
+    rows = [(k, "FSDP2 (not in collectionlora)" if fsdp else "data parallel (torchrun)",
+             *(fit(per_gpu(k, fsdp, s, ck)) for s in args.sides for ck in (True, False)))
             for fsdp in (False, True) for k in (1, 2, 4, 8) if not (fsdp and k == 1)]
     say(table(header, rows))
-    say(f"\nData parallel: every GPU holds everything, one edit per GPU (global batch K), DDP buckets add "
-        f"{fmt_gb(ddp_buckets)} GB for K > 1. FSDP2 (fully_shard per block + root): base, teacher slot, LoRA weights, "
-        f"grads and AdamW sharded 1/K; + 2 unsharded blocks ({fmt_gb(block_gather)} GB) for the all-gather and its "
-        f"prefetch; activations and the autocast cast cache not sharded (the cache goes away with FSDP2's "
-        f"MixedPrecisionPolicy(param_dtype=bf16) in place of autocast: -{fmt_gb(cast_cache)} GB).\n")
+    say(f"\nData parallel (collectionlora under torchrun): every GPU holds everything and draws its own edit (global batch "
+        f"K); per-GPU memory does not change with K. FSDP2 (fully_shard per block + root; not implemented in "
+        f"collectionlora): base, teacher slot, LoRA weights, grads and AdamW sharded 1/K, + 2 unsharded blocks "
+        f"({fmt_gb(block_gather)} GB) for the all-gather and its prefetch; activations and autocast's cast copies not "
+        f"sharded (FSDP2's MixedPrecisionPolicy(param_dtype=bf16) in place of autocast would drop the copies).\n")
 
     # -- shared base vs the official layout --
     rows = []
@@ -466,7 +565,8 @@ def main(argv=None):
         ours = per_gpu(1, False, side, True)
         official = ours + 2 * base_b  # teacher, student and critic each a full bf16 base
         rows.append((f"{side}^2 ckpt, 1 GPU", fit(ours), fit(official), fmt_gb(official - ours)))
-        ours8, off8 = per_gpu(8, True, side, True), per_gpu(8, True, side, True) + 2 * base_b / 8
+        ours8 = per_gpu(8, True, side, True)
+        off8 = ours8 + 2 * base_b / 8
         rows.append((f"{side}^2 ckpt, FSDP2 x 8", fit(ours8), fit(off8), fmt_gb(off8 - ours8)))
     say("## One shared base (ours) vs three full models (official: teacher, student and critic each a base)\n")
     say(table(["setting", "ours: 1 base + 3 adapters", "official: 3 bases", "difference"], rows))
