@@ -574,7 +574,7 @@ def writing(tmp: Path, need: int):
         if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "unexpected pos" in str(e) or "write failed" in str(e):
             raise Stopped(f"disk full: writing {tmp.name.split('.')[0]} to '{tmp.parent}' needs about {need / 2**20:.1f} MiB, "
                           f"{shutil.disk_usage(tmp.parent).free / 2**20:.1f} MiB are free -- make room or pass another --out "
-                          f"(--cache_dir); the checkpoints already written are kept: rerun with --resume", 1) from e
+                          f"(--cache_dir), then rerun the same command (with --resume once a checkpoint exists)", 1) from e
         raise
 
 
@@ -1246,25 +1246,30 @@ def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type:
 def main(argv=None) -> int:
     """The CLI: one line and an exit code for each way a run can end (under torchrun, said once: by rank 0)."""
     rank = int(os.environ.get("RANK", 0))
-    say = functools.partial(print, file=sys.stderr) if rank == 0 else lambda line: None
+
+    def end(message, code: int) -> int:
+        if rank == 0:
+            print(message, file=sys.stderr)
+        return code
     try:
         train(parse_config(argv))
         return 0
     except InputError as e:
-        return say(f"error: {e}") or 2
+        return end(f"error: {e}", 2)
     except Stopped as e:
-        return say(e) or e.code
+        return end(e, e.code)
     except torch.OutOfMemoryError:
-        return say("error: out of GPU memory -- see README 'Memory plan': keep --gradient_checkpointing, lower --rank or "
-                   "--batch_size, or add GPUs (torchrun); checkpoints already written are kept: rerun with --resume") or 1
+        return end("error: out of GPU memory -- see README 'Memory plan': keep --gradient_checkpointing, lower --rank or "
+                   "--batch_size, or add GPUs (torchrun); checkpoints already written are kept: rerun with --resume", 1)
     except RuntimeError as e:  # under torchrun, mostly a collective that lost a rank (gloo: "Connection closed by peer")
         if not dist.is_initialized():
             raise
-        return print(f"rank {rank}: stopped ({str(e).splitlines()[0][:160]}) -- if another rank died, torchrun's report "
-                     f"names it; the checkpoints already written are kept: rerun with --resume", file=sys.stderr) or 1
+        print(f"rank {rank}: stopped ({str(e).splitlines()[0][:160]}) -- if another rank died, torchrun's report names it; "
+              f"the checkpoints already written are kept: rerun with --resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        return say("interrupted -- finished checkpoints and cached teacher targets are kept; rerun the same command "
-                   "(with --resume once a checkpoint exists)") or 130
+        return end("interrupted -- finished checkpoints and cached teacher targets are kept; rerun the same command "
+                   "(with --resume once a checkpoint exists)", 130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
