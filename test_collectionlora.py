@@ -1038,10 +1038,14 @@ def test_torchrun_two_ranks_train_one_student_write_once_and_refuse_bad_input_on
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step_00000005.pt", "step_00000010.pt"]
     assert len(torch.load(tmp_path / "out" / "checkpoints" / "step_00000010.pt", weights_only=True)["gen"]) == 2
     assert (tmp_path / "out" / "preview_10.png").is_file() and not list(tmp_path.rglob("*.tmp"))
-    one = lora_tensors(cl.train(cl.Config(**json.loads((tmp_path / "out" / "lora" / "collectionlora.json").read_text())
-                                          ["config"] | {"out": str(tmp_path / "one"), "target_modules": cl.QWEN_TARGET_MODULES})))
+    config = json.loads((tmp_path / "out" / "lora" / "collectionlora.json").read_text())["config"]
+    one = lora_tensors(cl.train(cl.Config(**config | {"out": str(tmp_path / "one"), "cache_dir": str(tmp_path / "one_cache"),
+                                                      "target_modules": cl.QWEN_TARGET_MODULES})))
     two = lora_tensors(tmp_path / "out" / "lora")
     assert one.keys() == two.keys() and any(not torch.equal(one[k], two[k]) for k in one)  # rank 1's gradients count
+    split, alone = (sorted((tmp_path / c / "targets").iterdir()) for c in ("cache", "one_cache"))  # the targets the ranks
+    assert [p.name for p in split] == [p.name for p in alone] and len(split) == 6  # shared out equal one process's own
+    assert all(torch.equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True)) for a, b in zip(split, alone))
     stock = build_tiny_pipeline(0)
     load_student(stock, tmp_path / "out" / "lora")  # the export reloads
     # a checkpoint of 2 ranks is refused by 1 process, and bad input is reported once, with exit 2 on every rank
