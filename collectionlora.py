@@ -594,7 +594,8 @@ class TeacherBank:
     of A_slot, scale*B -> first r columns of B_slot, zeros elsewhere, so (B_slot A_slot) x = scale (B A) x."""
     def __init__(self, effects: list, pipe, cache: Path):
         self.effects, self.active = effects, None
-        base_tag = hashlib.sha256(repr(sorted(pipe.transformer.config.items())).encode()).hexdigest()[:8]
+        config = sorted((k, v) for k, v in pipe.transformer.config.items() if not k.startswith("_"))  # "_use_default_values"
+        base_tag = hashlib.sha256(repr(config).encode()).hexdigest()[:8]  # is a list in set order: it differs per process
         self.hashes = [file_hash(e.lora_file) for e in effects]  # content hashes: a changed file is a new teacher
         self.files = [cache / "loras" / f"{h}-{base_tag}.safetensors" for h in self.hashes]
         new = [(e, f) for e, f in zip(effects, self.files) if not f.exists()]

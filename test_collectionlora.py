@@ -661,6 +661,19 @@ def test_same_seed_and_inputs_give_a_bit_identical_student(teachers, tmp_path):
                                                                   cl.read_teachers(teachers / "teachers")]
 
 
+def test_the_normalised_teachers_cache_is_found_again_by_another_process(teachers, tmp_path):
+    """The cache names hold a tag of the base's config; diffusers' `_use_default_values` lists its keys in set order, which
+    changes with the process's hash seed (found by examples/bench_teachers.py: every run normalised every teacher again)."""
+    code = ("import sys; sys.path.insert(0, 'examples'); import collectionlora as cl; "
+            "from make_tiny_teachers import build_tiny_pipeline; from pathlib import Path; "
+            "pipe = build_tiny_pipeline(0); "
+            f"bank = cl.TeacherBank(cl.read_teachers({str(teachers / 'teachers')!r}), pipe, Path({str(tmp_path)!r})); "
+            "print(sorted(f.name for f in bank.files))")
+    names = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(names) == 1 and len(list((tmp_path / "loras").iterdir())) == 3, names
+
+
 def test_a_changed_teacher_file_invalidates_only_its_cached_targets(teachers, tmp_path, monkeypatch):
     shutil.copytree(teachers / "teachers", tmp_path / "teachers")
     cfg = tiny_config(tmp_path, tmp_path / "out")
