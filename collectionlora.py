@@ -271,7 +271,8 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
     """The base editing pipeline: 'tiny' (random, built in code), or a hub id / local folder laid out as
     Qwen/Qwen-Image-Edit-2509 (tokenizer/, processor/, ...), whose processor we build image-only."""
     if base == "tiny":  # the random CPU test model, built in code by examples/make_tiny_teachers.py (tests, smoke test)
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "examples"))
+        if (examples := str(Path(__file__).resolve().parent / "examples")) not in sys.path:
+            sys.path.append(examples)
         pipe = importlib.import_module("make_tiny_teachers").build_tiny_pipeline(seed).to(device)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)  # fp32 as built; diffusers warns on any cast
     from diffusers import QwenImageEditPlusPipeline
