@@ -253,14 +253,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     results = {m: bench(m, args) for m in args.model}
+    report("Speed (CPU)", f"batch {args.batch_size}, rank {args.rank}, student every {args.gen_every}", t0,
+           speed_table(results), args.out)
+
+
+def report(title: str, settings: str, t0: float, body: str, out: str | None) -> None:
+    """Prints a markdown section (machine, date, settings, wall time since t0, then body) and writes it to `out`."""
     header = (f"{datetime.datetime.now().isoformat(timespec='minutes')} | {platform.platform()} | {os.cpu_count()} CPUs, "
-              f"{torch.get_num_threads()} torch threads | torch {torch.__version__} | batch {args.batch_size}, rank "
-              f"{args.rank}, student every {args.gen_every} | wall time {time.perf_counter() - t0:.0f} s")
-    text = f"\n## Speed (CPU)\n\n{header}\n\n{speed_table(results)}\n"
+              f"{torch.get_num_threads()} torch threads | torch {torch.__version__} | {settings} | wall time "
+              f"{time.perf_counter() - t0:.0f} s")
+    text = f"\n## {title}\n\n{header}\n\n{body}\n"
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+    if out:
+        Path(out).write_text(text)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -32,11 +32,9 @@ Flat columns down the table = the claim holds, up to a few MB of drift: glibc ke
 The teacher files are deleted after each N (--keep keeps them).
 """
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -51,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import collectionlora as cl  # noqa: E402
-from bench_step import build_pipeline  # noqa: E402  (the tiny pipeline with the 32M-parameter "mid" transformer)
+from bench_step import build_pipeline, report  # noqa: E402  (the tiny pipeline with the 32M-parameter "mid" transformer)
 from make_tiny_teachers import random_lora  # noqa: E402
 
 MB = 2**20
@@ -211,15 +209,9 @@ def main(argv=None):
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    header = (f"{datetime.datetime.now().isoformat(timespec='minutes')} | {platform.platform()} | {os.cpu_count()} CPUs, "
-              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} | torch {torch.__version__} | rank-"
-              f"{args.rank} teachers on the 32M-parameter mid transformer | wall time {time.perf_counter() - t_start:.0f} s")
-    text = (f"\n## Teacher bank: memory and swap time against N\n\n{header}\n\n{table(rows, file_size)}\n\n"
-            f"Two numbers = first-build process / cached-build process; swap times from the cached-build process.\n")
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+    report("Teacher bank: memory and swap time against N", f"rank-{args.rank} teachers on the 32M-parameter mid transformer",
+           t_start, f"{table(rows, file_size)}\n\nTwo numbers = first-build process / cached-build process; swap times "
+           "from the cached-build process.", args.out)
 
 
 if __name__ == "__main__":
