@@ -2,17 +2,14 @@
 CollectionLoRA: Collecting 50 Effects in 1 LoRA via Multi-Teacher On-Policy Distillation
 (arXiv 2605.25378) -- a minimal, single-file reference implementation on diffusers + peft.
 
-N effect LoRAs (each a 40-step, CFG "teacher" for one image-editing effect) are distilled into ONE
-student LoRA that samples in 8 steps without CFG:
+N effect LoRAs (each a 40-step CFG "teacher" for one image-editing effect) become ONE student LoRA that edits in 8 steps, no CFG:
 
     every step      critic  <- flow matching on the student's own x0 from a random step of its sampler (fake score)
     every 5th step  student <- DMD:   x0_hat - stopgrad(x0_hat - (fake - real)/|x0_hat - real|)
                                + TS:    the same DMD term on the student's denoising of a noised teacher output
                                + TA-FM: flow matching on the teacher's own output (coarse anchor)
-    routing (PDSR)  each period the batch is an effect (teacher LoRA swapped into the real score)
-                    with probability p_switch, else a general edit (teacher = base model)
-    prompts (AOP)   teacher sees its instruction; student and critic see "<trigger> instruction",
-                    triggers chosen so the student prompts are as orthogonal as possible
+    routing (PDSR)  each period is an effect (its LoRA swapped into the real score) w.p. p_switch, else a general edit (teacher = base)
+    prompts (AOP)   teacher sees its instruction; student and critic "<trigger> instruction", triggers chosen for orthogonal prompts
 
 Run (python collectionlora.py --help: every knob; README: the folders, the memory plan, using the result in diffusers/ComfyUI):
     python collectionlora.py --base tiny --teachers examples/tiny_teachers ...               # CPU demo: README
@@ -23,18 +20,14 @@ Run (python collectionlora.py --help: every knob; README: the folders, the memor
 Deviations from the official code (causvid/), each on purpose:
  1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline) and cached, not made by hand.
  2. All teachers share ONE exact rank-padded `teacher` adapter slot on the base (TeacherBank), in any diffusers format.
- 3. The stream (PDSR) is redrawn every `route_every` steps as in the code (paper: every step), a pure function of (seed,
-    step): a resumed run sees exactly the same data.
+ 3. PDSR redraws the stream every `route_every` steps as the code does (paper: every step), from (seed, step) alone: exact resume.
  4. Target-simulation inputs come from the last `ts_last_k` student sigmas (code), not tau_max (paper).
- 5. CFG in the diffusers convention uncond + g(cond - uncond): g = 5 is the official cond + 4(cond - uncond). The
-    stock pipeline's true-CFG (teacher targets) also rescales to the conditional norm; DMD's real score does not (official).
+ 5. CFG is uncond + g(cond - uncond) (g = 5: official cond + 4(cond - uncond)); only the targets' stock true-CFG rescales to the cond norm.
  6. No DMD2 GAN term (the paper drops it: mode collapse with many teachers), no EMA (as official).
  7. Step limit, atomic checkpoints and exact resume; the official loop has neither.
  8. Triggers minimise the largest pairwise cosine of the student prompts' embeddings (paper: random, never measured).
- 9. TA-FM draws t ~ U[t_dmd, 1000) with the unshifted DMD timestep t_dmd, then shifts (official: the shifted t_dmd as the
-    bound, shifted again). Both keep TA-FM a coarse, high-noise anchor: sigma <= 0.5 in 3.4 % of draws here, 1.3 % there.
-10. --warmup N (default 0 = the paper): N cheap iterations of flow matching on the teacher outputs alone, then the critic
-    starts as a copy of the student. The toy bench needs it to reach its teachers (README, "Toy EffectBench").
+ 9. TA-FM: t ~ U[t_dmd, 1000), t_dmd unshifted, then shifted (official: shifted bound, shifted again); coarse: sigma <= 0.5 in 3.4 %/1.3 %.
+10. --warmup N (0 = paper): N cheap flow-matching steps on the teacher outputs, then critic = student; the toy bench needs it (README).
 11. Many GPUs: data parallel over the LoRA gradients, each rank a whole base (official: FSDP over 4+ GPUs, 3 bases).
 """
 import argparse
@@ -54,7 +47,6 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,7 +83,7 @@ def knob(default, why):
     return dataclasses.field(default=default, metadata={"help": why})
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # data and models
     teachers: str = knob("", "folder of effects: one sub-folder per effect (LoRA + effect.json [+ images/])")
@@ -131,8 +123,7 @@ class Config:
     ts_t_min: float = knob(500.0, "target simulation: DMD timestep drawn from [ts_t_min, 1000) (paper tau_min)")
     w_ts: float = knob(1.0, "weight of the target-simulation DMD term (paper: unweighted)")
     w_fm: float = knob(1.0, "weight of trajectory-anchored flow matching (paper: unweighted)")
-    warmup: int = knob(0, "first iterations: flow matching on the teacher outputs at t ~ U[0, 1000) alone (cheap: no "
-                            "sampling, teacher or critic); then the critic starts as the student. 0 = the paper")
+    warmup: int = knob(0, "first N steps: cheap flow matching on teacher outputs alone, then the critic starts as the student; 0 = paper")
     aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop (ablation): the teacher's instruction")
     # engineering
     log_every: int = knob(50, "one log line every N steps")
@@ -151,16 +142,12 @@ class Config:
         return Path(self.cache_dir or Path(self.out) / "cache")
 
 
-class OneLineErrors(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; we print one line (exit 2, as argparse)
-        self.exit(2, f"error: {message} -- see --help\n")
-
-
 def parse_config(argv=None) -> Config:
     """The CLI is generated from Config: one flag per field, help = the reason for its default."""
-    p = OneLineErrors(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      epilog="example: python collectionlora.py --teachers my_effects/ --general my_edits/ "
-                             "--out runs/mine   (README: the teachers-folder format and a CPU demo)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="example: python collectionlora.py --teachers my_effects/ --general my_edits/ "
+                                       "--out runs/mine   (README: the teachers-folder format and a CPU demo)")
+    p.error = lambda message: p.exit(2, f"error: {message} -- see --help\n")  # one line, not usage + error (exit 2, as argparse)
     for f in dataclasses.fields(Config):
         how = ({"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else
                {"nargs": "+"} if isinstance(f.default, tuple) else {"type": type(f.default)})
@@ -180,8 +167,7 @@ def check_config(c: Config) -> None:
              "w_ts": c.w_ts >= 0, "w_fm": c.w_fm >= 0, "log_every": c.log_every >= 1, "save_every": c.save_every >= 1,
              "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1, "warmup": c.warmup >= 0,
              "preview_every": c.preview_every >= 0, "dtype": c.dtype in ("auto", "bf16", "fp32"),
-             # the pipeline rounds each side to a multiple of 32 (calculate_dimensions): 40 would silently become 32
-             "image_size": c.image_size >= 0 and c.image_size % 32 == 0,
+             "image_size": c.image_size >= 0 and c.image_size % 32 == 0,  # the pipeline rounds to a multiple of 32: 40 would be 32
              "condition_size": c.condition_size >= 0 and c.condition_size % 32 == 0}
     for flag in (flag for flag, ok in rules.items() if not ok):
         raise InputError(f"--{flag} {getattr(c, flag)} is invalid -- see `--help` for its meaning and default")
@@ -212,8 +198,7 @@ def x0_from_v(x_t, v, sigma):
 
 
 def classifier_free_guidance(v_uncond, v_cond, g: float):
-    """CFG in the diffusers convention, uncond + g (cond - uncond), written as cond + (g - 1)(cond - uncond)
-    (the official form with its 4.0 = g - 1) so that g = 1 returns the conditional prediction exactly."""
+    """CFG uncond + g (cond - uncond) (diffusers), written as the official cond + (g - 1)(cond - uncond): g = 1 gives cond exactly."""
     return v_cond + (g - 1) * (v_cond - v_uncond)
 
 
@@ -234,18 +219,15 @@ def flow_matching_loss(v, x0, eps):
 
 
 def student_scheduler(cfg: Config):
-    """The stock diffusers scheduler that is exactly the student's sampler (stochastic_sampling: predict x0, re-noise
-    with fresh noise; static shift): `pipe(..., num_inference_steps=8)` visits student_sigmas(8, 3), then sigma 0."""
+    """The stock scheduler equal to the student's sampler (x0, then fresh noise; static shift): 8 steps visit student_sigmas(8, 3), 0."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift, use_dynamic_shifting=False,
-                                           stochastic_sampling=True)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift, use_dynamic_shifting=False, stochastic_sampling=True)
 
 
 # ---- Model family: Qwen-Image-Edit (the only family-specific section) ----
-# Everything the algorithm needs from a model family: load a pipeline, encode (prompt, source image)
-# once, predict v, decode. A second family (FLUX.1 Kontext) replaces exactly these functions.
+# All the algorithm needs from a model family: load, encode (prompt, source image) once, predict v, decode. Another: swap these.
 
-@dataclass
+@dataclasses.dataclass
 class EditInputs:
     """Everything the transformer needs besides x_t, for one (prompt, source image) pair."""
     embeds: torch.Tensor              # (1, T, D) text-encoder states of prompt + condition image
@@ -268,8 +250,7 @@ STOCK_PROCESSOR = ("transformers", "Qwen2VLProcessor")  # model_index.json entry
 
 
 def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The base editing pipeline: 'tiny' (random, built in code), or a hub id / local folder laid out as
-    Qwen/Qwen-Image-Edit-2509 (tokenizer/, processor/, ...), whose processor we build image-only."""
+    """The base pipeline: 'tiny' (random, built in code), or a hub id / folder laid out as Qwen/Qwen-Image-Edit-2509, image-only."""
     if base == "tiny":  # the random CPU test model, built in code by examples/make_tiny_teachers.py (tests, smoke test)
         if (examples := str(Path(__file__).resolve().parent / "examples")) not in sys.path:
             sys.path.append(examples)
@@ -295,8 +276,7 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
 
 @contextlib.contextmanager
 def tiny_image_sizes(condition: int = 64 * 64, vae: int = 64 * 64):
-    """The stock pipeline resizes every input to the module-global areas 384^2 (condition image) and 1024^2 (VAE
-    image), whatever you pass; a small model needs small images: set them (0 = leave as is), then restore them."""
+    """Set the stock pipeline's module-global resize areas (384^2 condition, 1024^2 VAE image; 0 = as is) for a small model, restore."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
     old = qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE
     qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = condition or old[0], vae or old[1]
@@ -332,8 +312,7 @@ def encode(pipe, image, prompt: str) -> EditInputs:
 
 
 def predict_v(transformer, x_t, sigma, c: EditInputs):
-    """v = transformer(x_sigma | source latents, prompt, sigma). The source image's tokens are
-    appended to the sequence (Qwen-Image-Edit in-context conditioning); only x_t's part is returned."""
+    """v = transformer(x_sigma | source latents, prompt, sigma): the source's tokens are appended (in-context), x_t's part returned."""
     dtype = transformer.img_in.weight.dtype  # the base's dtype (bf16 on CUDA); x_t itself stays fp32
     x_in = torch.cat([x_t, c.image_latents], dim=1).to(dtype)  # (1, 2L, 4C)
     timestep = sigma.reshape(1).to(dtype).expand(x_t.shape[0])  # the model takes t/1000 = sigma
@@ -350,11 +329,22 @@ def decode(pipe, latents, width: int, height: int):
     return pipe.image_processor.postprocess(pipe.vae.decode(x / inv_std + mean, return_dict=False)[0][:, :, 0])[0]
 
 
+@torch.no_grad()
+def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type: str = "pil", guidance: float = 1.0):
+    """The stock pipeline: student in few steps without CFG, teacher with CFG g (empty negative); scheduler noise: a forked, seeded RNG."""
+    _, (vw, vh) = _qwen_sizes(image)
+    device = pipe.transformer.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return pipe(image=image, prompt=prompt, negative_prompt="" if guidance > 1 else None, true_cfg_scale=guidance,
+                    height=vh, width=vw, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(seed),
+                    output_type=output_type).images
+
+
 # ---- Adapters on one shared base: student, critic and the teacher slot ----
 
 def use_adapter(transformer, name: str | None):
-    """Route the shared base through one adapter; None = the bare base model (general-stream teacher).
-    peft's set_adapter also makes only that adapter's parameters require grad."""
+    """Route the shared base through one adapter (peft: only its parameters require grad); None = the bare base (general teacher)."""
     if name is None:
         return transformer.disable_adapters()
     transformer.enable_adapters()
@@ -373,8 +363,7 @@ def copy_adapter(transformer, source: str, target: str) -> None:
 
 
 def add_trainable_adapters(transformer, cfg: Config):
-    """Student and critic LoRAs on the same base, both zero at step 0 (student = critic = base); with --init, the student
-    is the exported one exactly (read_init checked rank and alpha: its raw weights) and the critic starts as it."""
+    """Student and critic LoRAs on the one base, zero at step 0 (student = critic = base); --init: the exported student, critic = it."""
     torch.manual_seed(cfg.seed)  # LoRA A is drawn from the global RNG: whatever ran before must not matter
     for name in ("student", "critic"):
         with warnings.catch_warnings():
@@ -394,7 +383,7 @@ def add_trainable_adapters(transformer, cfg: Config):
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-@dataclass
+@dataclasses.dataclass
 class Effect:
     name: str
     instruction: str           # the teacher's own prompt (AOP: the teacher sees this)
@@ -406,8 +395,7 @@ class Effect:
 
 
 def list_images(folder: Path, batch_size: int = 1) -> list:
-    """The images in a folder, each checked to open and decode (a bad one is an InputError naming it) and, for
-    batch_size > 1, to share one size: a batch is drawn from one folder, and batched latents share one shape."""
+    """The images in a folder, each checked to decode (else an InputError naming it) and, for batch_size > 1, to share one size."""
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
     sizes = {}
     for p in images:
@@ -424,8 +412,7 @@ def list_images(folder: Path, batch_size: int = 1) -> list:
 
 
 def read_teachers(folder, batch_size: int = 1) -> list:
-    """--teachers format: <folder>/<effect>/{*.safetensors, effect.json, images/}; effect.json needs
-    "instruction" and may set "trigger", "student_prompt", "weight"."""
+    """--teachers: <folder>/<effect>/{*.safetensors, images/, effect.json: "instruction" [, "trigger", "student_prompt", "weight"]}."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--teachers '{folder}' is not a folder -- pass a folder with one sub-folder per effect")
@@ -450,11 +437,9 @@ def read_teachers(folder, batch_size: int = 1) -> list:
         images = list_images(sub / "images", batch_size)
         if (sub / "images").is_dir() and not images:
             raise InputError(f"'{sub / 'images'}' holds no images ({', '.join(IMAGE_EXTS)}) -- add some or remove it")
-        e = Effect(sub.name, meta["instruction"], loras[0], images, meta.get("trigger", ""),
-                   meta.get("student_prompt", ""), meta["weight"])
+        e = Effect(sub.name, meta["instruction"], loras[0], images, meta.get("trigger", ""), meta.get("student_prompt", ""), meta["weight"])
         if twin := next((o for o in effects if e.trigger and o.trigger == e.trigger), None):  # empty: chosen later
-            raise InputError(f"effects '{twin.name}' and '{e.name}' share the trigger '{e.trigger}' -- "
-                             f"make it unique in one effect.json")
+            raise InputError(f"effects '{twin.name}' and '{e.name}' share the trigger '{e.trigger}' -- make it unique in one effect.json")
         effects.append(e)
     if not effects:
         raise InputError(f"--teachers '{folder}' has no effect sub-folders -- see README 'The teachers folder'")
@@ -488,8 +473,7 @@ def read_init(cfg: Config, effects: list) -> tuple:
 
 
 def read_inputs(cfg: Config):
-    """--out, --teachers, --general, --init and --replay, checked before anything is written: (effects, replayed first;
-    [(image, instruction)] general edits; the --init collection's effect entries)."""
+    """--out, --teachers, --general, --init, --replay, checked before anything is written: (effects, general edits, --init's effects)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file -- pass a folder name")
@@ -518,8 +502,7 @@ def read_inputs(cfg: Config):
 
 
 def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
-    """Read any LoRA format diffusers converts (diffusers, peft, kohya, ComfyUI) with the pipeline's own `lora_state_dict`,
-    check it against the base: {module}.A (r, in) / {module}.B (out, r), the LoRA scale alpha/r folded into B."""
+    """Any LoRA format the pipeline's `lora_state_dict` converts, checked against the base: {module}.A (r, in), .B (out, r) * alpha/r."""
     try:  # use_safetensors: never unpickle a LoRA
         sd, metadata = pipeline_cls.lora_state_dict(str(lora_file), use_safetensors=True, return_lora_metadata=True)
     except Exception as e:  # not safetensors, truncated, or a layout diffusers cannot convert
@@ -536,8 +519,7 @@ def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
         if B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != W.shape[:2]:  # (a missing B is 0 x 0)
             raise InputError(f"{lora_file}: '{module}' has LoRA shapes {tuple(B.shape)} x {tuple(A.shape)}, the base "
                              f"needs ({W.shape[0]}, r) x (r, {W.shape[1]}) -- is this LoRA for another model size?")
-        # diffusers files carry alpha in their peft config (metadata); kohya/ComfyUI alphas are folded
-        # into the weights by lora_state_dict; files with neither mean alpha = rank (diffusers' rule).
+        # alpha: diffusers files carry it in their peft config, lora_state_dict folds kohya/ComfyUI's in; neither: alpha = rank
         rank, alpha = A.shape[0], config.get("lora_alpha", A.shape[0])
         for pattern, a in (config.get("alpha_pattern") or {}).items():
             alpha = a if module == pattern or module.endswith("." + pattern) else alpha
@@ -566,8 +548,7 @@ def nbytes(obj) -> int:  # the tensor bytes in a nested dict / list: about what 
 
 @contextlib.contextmanager
 def writing(tmp: Path, need: int):
-    """Around a write to `tmp` (a temporary file or folder): if it fails, `tmp` goes, and a full disk (or quota, or file-size
-    limit; torch.save's C++ writer says "unexpected pos" or "file write failed") is one line naming folder and space."""
+    """Around a write to `tmp` (file or folder): if it fails, `tmp` goes, and a full disk (quota, size limit; torch.save) is one line."""
     try:
         yield
     except (OSError, RuntimeError) as e:
@@ -589,10 +570,8 @@ def atomic_save(obj, path: Path, save=torch.save) -> None:
 
 
 class TeacherBank:
-    """All teachers, kept CPU-side as memory-mapped safetensors (RAM does not grow with their number), and ONE `teacher`
-    adapter slot on the shared base transformer (GPU memory: 1x base, not 1x per teacher). The slot has rank R = max
-    teacher rank over the union of teacher modules and scale 1. Swapping in a rank-r teacher is exact: A -> first r rows
-    of A_slot, scale*B -> first r columns of B_slot, zeros elsewhere, so (B_slot A_slot) x = scale (B A) x."""
+    """All teachers memory-mapped on the CPU (RAM does not grow with N); ONE `teacher` slot on the base (GPU: 1x base), rank R = max
+    rank, scale 1. Swapping in a rank-r teacher is exact: A -> first r rows of A_slot, scale*B -> first r columns of B_slot, zeros."""
     def __init__(self, effects: list, pipe, cache: Path):
         self.effects, self.active = effects, None
         config = sorted((k, v) for k, v in pipe.transformer.config.items() if not k.startswith("_"))  # "_use_default_values"
@@ -636,15 +615,12 @@ class TeacherBank:
 
 # ---- Router: Probabilistic Dual-Stream Routing (PDSR) ----
 
-Route = collections.namedtuple("Route", "stream effect sources")  # "effect" or "general"; index into effects (-1 on the
-                                                                  # general stream); batch_size indices into its pool
+Route = collections.namedtuple("Route", "stream effect sources")  # "effect"/"general"; effect index (-1: general); pool indices
 
 
 class Router:
-    """Each period of `route_every` steps is the effect stream with probability p_switch (a uniformly drawn effect, whose
-    LoRA becomes the teacher; a replay_p share of them one of n_old replayed effects, listed first), else the general
-    stream (teacher = base; never without --general data). Each step draws batch_size sources; all from (seed, step). Under
-    torchrun every rank gets the same stream (one graph for all) but draws its own effect and sources (seeded by rank)."""
+    """Each period of `route_every` steps: w.p. p_switch an effect (its LoRA the teacher; a replay_p share from the n_old replayed, listed
+    first), else general (teacher = base); batch_size sources a step; all from (seed, step); torchrun: one stream, each rank its draws."""
     def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int,
                  batch_size: int = 1, n_old: int = 0, replay_p: float = 0.0, rank: int = 0):
         self.n_effects, self.pool_sizes, self.n_general, self.batch_size = n_effects, pool_sizes, n_general, batch_size
@@ -684,34 +660,27 @@ def random_trigger(rng: random.Random, name: str) -> str:
 
 
 def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: bool = True, others: list = ()) -> dict:
-    """Give every effect without a trigger one that keeps the student prompts as close to mutually orthogonal as possible:
-    greedily, the candidate that minimises the largest cosine to the prompts chosen so far and to `others` (prompts the
-    student knows, --init; not theirs among themselves, a constant that would tie every candidate). Fills e.trigger /
-    e.student_prompt; returns the largest pairwise cosine of the naive (first) and the chosen candidates. aop False is
-    the paper's "w/o AOP" ablation: student prompt = instruction."""
+    """Give each effect without a trigger the candidate minimising the largest cosine to the prompts chosen so far and to `others`
+    (--init's; not among themselves: a constant). Returns the naive (first) and chosen max pairwise cosine. aop False: "w/o AOP"."""
     rng, naive, chosen = random.Random(f"{seed}/triggers"), [], []
     empty = prompt_embedding(pipe, "")  # subtracted, so the shared chat template does not dominate the cosine
     known = [prompt_embedding(pipe, p) - empty for p in others]
     for e in effects:
         if not aop:  # an ablation: the effect.json's trigger and student_prompt are ignored too
             e.trigger, e.student_prompt = "", e.instruction
-        fixed = e.trigger or e.student_prompt  # set by the user's effect.json
-        pool = [e.trigger] if fixed else [random_trigger(rng, e.name) for _ in range(candidates)]
+        pool = [e.trigger] if e.trigger or e.student_prompt else [random_trigger(rng, e.name) for _ in range(candidates)]  # effect.json
         embs = [prompt_embedding(pipe, e.student_prompt or f"{t} {e.instruction}") - empty for t in pool]
-        worst = [max([max_pairwise_cosine(torch.stack(chosen + [x]))] + [F.cosine_similarity(x, k, 0).item() for k in known])
-                 for x in embs]
+        worst = [max([max_pairwise_cosine(torch.stack(chosen + [x]))] + [F.cosine_similarity(x, k, 0).item() for k in known]) for x in embs]
         best = min(range(len(pool)), key=worst.__getitem__)  # the first one while nothing is chosen
         e.trigger = pool[best]
         naive.append(embs[0])
         chosen.append(embs[best])
     for e in effects:  # earlier effects are filled in; a later one is empty or set by its effect.json
         e.student_prompt = e.student_prompt or f"{e.trigger} {e.instruction}"
-        if aop and ((twin := next(o for o in effects if o.student_prompt == e.student_prompt)) is not e
-                    or e.student_prompt in others):
+        if aop and ((twin := next(o for o in effects if o.student_prompt == e.student_prompt)) is not e or e.student_prompt in others):
             raise InputError(f"effects '{twin.name if twin is not e else 'of --init'}' and '{e.name}' have the same "
                              f"student prompt '{e.student_prompt}' -- give one of them its own trigger or student_prompt")
-    shared = sum(n for n in collections.Counter(e.student_prompt for e in effects).values() if n > 1)
-    if shared:  # without AOP, effects with one instruction share one prompt: what the ablation measures
+    if shared := sum(n for n in collections.Counter(e.student_prompt for e in effects).values() if n > 1):  # the ablation's point
         print(f"warning: --no-aop: {shared} of {len(effects)} effects share their student prompt with another effect")
     return {"naive_max_cos": max_pairwise_cosine(torch.stack(naive)), "chosen_max_cos": max_pairwise_cosine(torch.stack(chosen))}
 
@@ -719,8 +688,7 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: b
 # ---- Data: every (prompt, image) encoded once, every teacher target ("base_pred") computed once ----
 
 def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler):
-    """The teacher's output latents for (effect, source image): the stock pipeline with the effect's LoRA, teacher_steps
-    steps, CFG g, the base's own scheduler; cached on disk by (teacher, image, prompt, seed, steps, g)."""
+    """The teacher's output latents for (effect, source image): the stock pipeline with its LoRA, the base's scheduler, CFG g; cached."""
     e, image = bank.effects[index], Image.open(image_path).convert("RGB")
     _, (vw, vh) = _qwen_sizes(image)
     key = hashlib.sha256(json.dumps([cfg.base, bank.hashes[index], file_hash(image_path), vw, vh, e.instruction,
@@ -740,8 +708,7 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
 
 
 def cached_encode(pipe, image_path: Path, prompt: str, cfg: Config) -> EditInputs:
-    """encode(), cached on disk by (base, image content, prompt, sizes) and read back memory-mapped,
-    so the text encoder runs once per distinct input across runs and RAM does not grow with the data."""
+    """encode(), cached on disk, read back memory-mapped: the encoders run once per input across runs, RAM does not grow with data."""
     image = Image.open(image_path).convert("RGB")
     key = hashlib.sha256(json.dumps([cfg.base, file_hash(image_path), prompt, _qwen_sizes(image)]).encode()).hexdigest()[:24]
     path = cfg.cache / "inputs" / f"{key}.pt"
@@ -753,7 +720,7 @@ def cached_encode(pipe, image_path: Path, prompt: str, cfg: Config) -> EditInput
     return EditInputs(d["embeds"], d.get("mask"), d["image_latents"], d["img_shapes"])
 
 
-@dataclass
+@dataclasses.dataclass
 class Batch:
     student: EditInputs             # AOP: the student's (and critic's) prompt
     teacher: EditInputs             # AOP: the teacher's own instruction
@@ -763,9 +730,7 @@ class Batch:
 
 
 class EditData:
-    """Every input the run can draw, encoded once, and every teacher target, computed once (both cached on disk), so
-    both encoders can leave the GPU before training; tensors stay memory-mapped on the CPU until their batch. Under torchrun
-    each rank computes its share, then reads the others' from the shared cache."""
+    """Every input and teacher target the run can draw, computed once, cached, memory-mapped: the encoders can leave the GPU early."""
     def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
         self.effects, self.pools = effects, [e.images or [p for p, _ in general] for e in effects]  # read_inputs: none is empty
         enc = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg))
@@ -790,8 +755,7 @@ class EditData:
 
 
 def stack(inputs: list, device) -> EditInputs:
-    """A batch of EditInputs: text states right-padded to the longest, the mask marks the padding (the
-    transformer masks it out of the joint attention). Batched images must share one size."""
+    """A batch of EditInputs: text states right-padded to the longest, masked out of the joint attention; one image size."""
     if len(inputs) == 1:
         return inputs[0].to(device)
     T = max(c.embeds.shape[1] for c in inputs)
@@ -814,35 +778,26 @@ def prepare(pipe, cfg: Config, effects: list, general: list, others: list = ()):
 
 @torch.no_grad()
 def backward_simulation(transformer, c: EditInputs, sigmas: torch.Tensor, k: int, gen: torch.Generator):
-    """Run the student's own sampler from pure noise for k steps: predict x0, re-noise it to the next
-    sigma with fresh noise. Returns x at sigmas[k] (k < steps), or the final sample x0 (k = steps)."""
+    """The student's sampler from pure noise for k steps (x0, re-noised with fresh noise): x at sigmas[k], or the sample (k = steps)."""
     x = torch.randn(c.image_latents.shape, generator=gen, device=gen.device)  # (1, L, 4C) at sigma 1: output = source size
     for i in range(k):
         x0 = x0_from_v(x, predict_v(transformer, x, sigmas[i], c), sigmas[i])
-        x = add_noise(x0, torch.randn(x0.shape, generator=gen, device=gen.device), sigmas[i + 1]) \
-            if i + 1 < len(sigmas) else x0
+        x = add_noise(x0, torch.randn(x0.shape, generator=gen, device=gen.device), sigmas[i + 1]) if i + 1 < len(sigmas) else x0
     return x
 
 
-def student_x0(transformer, x_t, sigma, c: EditInputs):
-    """The student's one-step denoising x0_hat = x_t - sigma v_student(x_t) (with grad, unless under no_grad)."""
-    use_adapter(transformer, "student")
-    return x0_from_v(x_t, predict_v(transformer, x_t, sigma, c), sigma)
-
-
 def on_policy_x0(transformer, c: EditInputs, sigmas: torch.Tensor, gen: torch.Generator):
-    """The samples that the DMD term is applied to AND that the critic learns (official `_run_generator`, called by both
-    `generator_loss` and `critic_loss`): backward-simulate to a uniformly drawn step k, then one student x0 prediction."""
+    """What DMD is applied to AND the critic learns (official `_run_generator`): backward-simulate to a uniform step k, one x0 step."""
     k = int(torch.randint(len(sigmas), (), generator=gen, device=gen.device))
     use_adapter(transformer, "student")
-    return student_x0(transformer, backward_simulation(transformer, c, sigmas, k, gen), sigmas[k], c)  # (B, L, 4C)
+    x_k = backward_simulation(transformer, c, sigmas, k, gen)
+    return x0_from_v(x_k, predict_v(transformer, x_k, sigmas[k], c), sigmas[k])  # (B, L, 4C) x0_hat, with grad unless no_grad
 
 
 # ---- Losses: Coarse-to-Fine Distillation Objective (C2F-DO; L_total in paper §4) ----
 
 def dmd_loss(x0_hat, real_x0, fake_x0):
-    """Distribution matching (DMD eq. 7) with the DMD2 normaliser: the student moves along grad = (fake - real) /
-    mean|x0_hat - real|. Written as 0.5 MSE to a stop-gradient target, so d loss / d x0_hat = grad / N exactly."""
+    """DMD eq. 7, DMD2 normaliser: grad = (fake - real) / mean|x0_hat - real|, as 0.5 MSE to a stop-gradient target: dL/dx0_hat = grad/N."""
     with torch.no_grad():
         normaliser = (x0_hat - real_x0).abs().mean(dim=tuple(range(1, x0_hat.ndim)), keepdim=True)  # (B, 1, 1)
         grad = torch.nan_to_num((fake_x0 - real_x0) / normaliser)
@@ -851,8 +806,7 @@ def dmd_loss(x0_hat, real_x0, fake_x0):
 
 
 def dmd_term(transformer, x0_hat, b: Batch, sigma, cfg: Config, gen):
-    """Noise x0_hat to sigma; real score = teacher with CFG on its own instruction (AOP), fake score =
-    critic on the student prompt; both without grad. Returns the DMD loss of x0_hat."""
+    """The DMD loss of x0_hat noised to sigma: real score = teacher + CFG on its own instruction (AOP), fake = critic (no grad)."""
     eps = torch.randn(x0_hat.shape, generator=gen, device=gen.device)
     x_t = add_noise(x0_hat.detach(), eps, sigma)  # (1, L, 4C)
     with torch.no_grad():
@@ -866,8 +820,7 @@ def dmd_term(transformer, x0_hat, b: Batch, sigma, cfg: Config, gen):
 
 
 def flow_matching_term(transformer, adapter: str, x0, c: EditInputs, t_min, cfg: Config, gen):
-    """Flow matching of `adapter` on fixed samples x0 at t ~ U[t_min, 1000), shifted: TA-FM (the student on the
-    teacher's outputs) and the critic (on the student's samples)."""
+    """Flow matching of `adapter` on fixed x0 at shifted t ~ U[t_min, 1000): TA-FM (student, teacher outputs), critic (samples)."""
     _, sigma = draw_sigma(gen, float(t_min), cfg.shift)
     eps = torch.randn(x0.shape, generator=gen, device=gen.device)
     use_adapter(transformer, adapter)
@@ -876,16 +829,16 @@ def flow_matching_term(transformer, adapter: str, x0, c: EditInputs, t_min, cfg:
 
 def student_loss(transformer, b: Batch, sigmas, cfg: Config, gen) -> dict:
     """L = L_DMD(backward simulation) [+ w_ts L_DMD(target simulation) + w_fm L_TA-FM on the effect stream]."""
-    steps = len(sigmas)
     x0_hat = on_policy_x0(transformer, b.student, sigmas, gen)  # DMD on backward simulation
     t_dmd, sigma = draw_sigma(gen, 0.0, cfg.shift)
     losses = {"dmd": dmd_term(transformer, x0_hat, b, sigma, cfg, gen)}
     if b.target is not None:
         y = b.target  # the teacher's own output for this source (paper: base_pred)
         # target simulation (fine): the student denoises y noised to one of its last k sigmas
-        j = int(torch.randint(steps - cfg.ts_last_k, steps, (), generator=gen, device=gen.device))
+        j = int(torch.randint(len(sigmas) - cfg.ts_last_k, len(sigmas), (), generator=gen, device=gen.device))
         x_j = add_noise(y, torch.randn(y.shape, generator=gen, device=gen.device), sigmas[j])
-        x0_ts = student_x0(transformer, x_j, sigmas[j], b.student)
+        use_adapter(transformer, "student")
+        x0_ts = x0_from_v(x_j, predict_v(transformer, x_j, sigmas[j], b.student), sigmas[j])
         losses["ts"] = dmd_term(transformer, x0_ts, b, draw_sigma(gen, cfg.ts_t_min, cfg.shift)[1], cfg, gen)
         # trajectory-anchored flow matching (coarse): flow matching on y at t in [t_dmd, 1000)
         losses["fm"] = flow_matching_term(transformer, "student", y, b.student, t_dmd, cfg, gen)
@@ -894,8 +847,7 @@ def student_loss(transformer, b: Batch, sigmas, cfg: Config, gen) -> dict:
 
 
 def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
-    """The fake score learns the distribution the DMD term is applied to: flow matching, on the student prompt, on
-    fresh on_policy_x0 samples (the student's x0 from a uniformly drawn step of its own trajectory; no grad)."""
+    """The fake score learns what DMD is applied to: flow matching on fresh on_policy_x0 samples (no grad), student prompt."""
     with torch.no_grad():
         x0 = on_policy_x0(transformer, b.student, sigmas, gen)  # (B, L, 4C)
     return flow_matching_term(transformer, "critic", x0, b.student, 0.0, cfg, gen)
@@ -904,14 +856,12 @@ def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
 # ---- One training step ----
 
 def apply_update(loss, optimiser, clip: float) -> bool:
-    """backward, average over ranks (torchrun), clip, step -- unless the loss or its gradient is NaN/inf (on any rank):
-    then nothing changes (Adam's moments would be poisoned for good) and False is returned."""
+    """backward, average over ranks, clip, step; a NaN/inf loss or gradient on any rank changes nothing (it would poison Adam): False."""
+    params = optimiser.param_groups[0]["params"]
     optimiser.zero_grad(set_to_none=True)
     if finite := bool(torch.isfinite(loss)):
         loss.backward()
-    if not average_gradients(optimiser.param_groups[0]["params"], finite):
-        return False
-    if not torch.isfinite(torch.nn.utils.clip_grad_norm_(optimiser.param_groups[0]["params"], clip)):
+    if not (average_gradients(params, finite) and torch.isfinite(torch.nn.utils.clip_grad_norm_(params, clip))):
         optimiser.zero_grad(set_to_none=True)
         return False
     optimiser.step()
@@ -919,9 +869,7 @@ def apply_update(loss, optimiser, clip: float) -> bool:
 
 
 def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic, cfg: Config, gen, autocast) -> dict:
-    """Student every gen_every steps (DMD2 two time-scale rule), then the critic, on the same batch. During a warm start
-    (step < cfg.warmup) the student does flow matching on the teacher outputs alone, every effect step, and the critic
-    waits; then it starts as a copy of the student. Returns the losses; "skipped": updates dropped as non-finite."""
+    """Student every gen_every steps (DMD2), then critic; warm start (step < warmup): student FM on teacher outputs, then critic = it."""
     logs, skipped, warm = {}, [], step < cfg.warmup
     if step == cfg.warmup > 0:  # the warm start ends: the fake score starts as the student's own model
         copy_adapter(transformer, "student", "critic")
@@ -945,9 +893,7 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
 
 
 # ---- Many processes (torchrun): data parallel over the LoRA gradients ----
-# torchrun --nproc_per_node=K collectionlora.py ...: every rank holds the whole base and all adapters (what fits where:
-# README "Memory plan"). Each period's stream is shared, so every rank runs the same graph; each rank draws its own effect,
-# images and noise; gradients are averaged before every update. Rank 0 alone writes checkpoints, LoRA and previews.
+# Every rank holds the whole base and all adapters (README "Memory plan"), shares the period's stream and draws its own data.
 
 def rank_and_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -962,8 +908,7 @@ def gather(obj) -> list:
 
 
 def average_gradients(params: list, finite: bool) -> bool:
-    """DDP's work without its wrapper (student and critic take turns on one module): every gradient becomes its mean over
-    the ranks. A rank whose loss is not finite sends NaN, so every rank skips that update. One process: returns `finite`."""
+    """DDP without its wrapper (student and critic share one module): gradients averaged over ranks; a non-finite rank sends NaN."""
     if not dist.is_initialized():
         return finite
     for p in params:  # a LoRA the graph did not reach gets 0, as DDP's find_unused_parameters
@@ -977,8 +922,7 @@ def average_gradients(params: list, finite: bool) -> bool:
 
 @contextlib.contextmanager
 def deferred_signals():
-    """While training, SIGINT/SIGTERM only set a flag: the loop finishes its step, writes a checkpoint and stops. A second
-    signal stops at once (the last checkpoint stays valid); not under torchrun, which relays the first one to every rank."""
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and stops; a second one stops at once (not under torchrun)."""
     def handler(signum, frame):
         if caught and int(os.environ.get("WORLD_SIZE", 1)) == 1:
             raise KeyboardInterrupt
@@ -994,8 +938,7 @@ def deferred_signals():
 
 
 def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, gen, keep: int):
-    """Everything needed to continue bit-exactly: both LoRAs, both optimisers and every rank's RNG (the router needs nothing:
-    its draws are a function of the step), written atomically by rank 0; keeps the last `keep`. Every rank calls it."""
+    """Everything for a bit-exact resume: LoRAs, optimisers, every rank's RNG (router: a function of the step). All ranks call it."""
     gens = gather(gen.get_state())
     if rank_and_world()[0] > 0:
         return None
@@ -1024,16 +967,14 @@ def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> in
 
 
 def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict, old: list = ()) -> Path:
-    """The student for both tools: pytorch_lora_weights.safetensors (diffusers; alpha in its peft config), scheduler/ (the
-    8-step sampler), <name>_comfyui.safetensors (ComfyUI), collectionlora.json (which file for which tool, the sampler in
-    both tools' terms, every effect's prompt, an --init collection's `old` ones too, and the run that added it)."""
+    """The student for diffusers (pytorch_lora_weights.safetensors + scheduler/) and ComfyUI (<name>_comfyui.safetensors), described
+    in collectionlora.json: which file for which tool, the sampler in both tools' terms, every effect's prompt (--init's too)."""
     out, tmp = Path(cfg.out) / "lora", Path(cfg.out) / "lora.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     sd, config = get_peft_model_state_dict(pipe.transformer, adapter_name="student"), pipe.transformer.peft_config["student"]
     type(pipe).save_lora_weights(tmp, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config.to_dict())
     student_scheduler(cfg).save_pretrained(tmp / "scheduler")
-    # ComfyUI maps "diffusion_model.<module>" for every model (model_lora_keys_unet in comfy/lora.py; its QwenImage branch
-    # shows its Qwen module names are diffusers'), scaled by the module's ".alpha" / rank (none: 1, the wrong strength)
+    # ComfyUI: "diffusion_model.<diffusers' module name>" (model_lora_keys_unet, comfy/lora.py), scaled by ".alpha" / rank (none: 1)
     comfy_file = f"{Path(cfg.out).resolve().name}_comfyui.safetensors"
     comfy = {f"diffusion_model.{k.rsplit('.', 2)[0]}.lora_{'down' if '.lora_A.' in k else 'up'}.weight": v for k, v in sd.items()}
     alphas = {k.replace(".lora_down.weight", ".alpha"): torch.tensor(float(config.lora_alpha)) for k in comfy if "_down." in k}
@@ -1062,8 +1003,7 @@ def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict
 
 @torch.no_grad()
 def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | None, seeds=(0, 1)) -> list:
-    """Per effect: mean squared distance between the student's 8-step output (latents) and the teacher's full-step
-    output, on the effect's first source image. A private RNG keeps training reproducible whether or not this runs."""
+    """Per effect, on its first source: latent MSE of the 8-step output to the teacher's; a private RNG leaves training's draws alone."""
     use_adapter(transformer, adapter)
     out = []
     for i, pool in enumerate(data.pools):
@@ -1075,9 +1015,7 @@ def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | No
 
 
 def write_preview(pipe, cfg: Config, data: EditData, name: str = "preview.png", rows: int = 16, gap: int = 2) -> Path:
-    """<out>/<name>: a row per effect (the first `rows`, named) on its first source, `gap` px apart, columns titled: the
-    source as resized | the teacher's cached target | the student (stock pipeline, seed cfg.seed), enlarged. The encoders
-    come back to the transformer's device for it (on CUDA they leave it once the inputs are encoded)."""
+    """<out>/<name>: a named row per effect (first `rows`) on its first source, enlarged: source | teacher (cached) | student (seed)."""
     home = pipe.text_encoder.device
     use_adapter(pipe.to(pipe.transformer.device).transformer, "student")
     cells = []  # per row: source | teacher | student, at the pipeline's output size
@@ -1085,8 +1023,7 @@ def write_preview(pipe, cfg: Config, data: EditData, name: str = "preview.png", 
         image = Image.open(path := data.pools[i][0]).convert("RGB")
         _, (w, h) = _qwen_sizes(image)
         student = sample(pipe, image, e.student_prompt, cfg.student_steps, cfg.seed, output_type="latent")
-        cells.append([pipe.image_processor.resize(image, h, w), decode(pipe, data.targets[i, path], w, h),
-                      decode(pipe, student, w, h)])
+        cells.append([pipe.image_processor.resize(image, h, w), decode(pipe, data.targets[i, path], w, h), decode(pipe, student, w, h)])
     scale = max(1, 96 // max(r[0].height for r in cells))
     cells = [[c.resize((c.width * scale, c.height * scale), Image.NEAREST) for c in row] for row in cells]
     left, top = 6 * max(len(e.name) for e in data.effects[:rows]) + 6, 14  # room for the names and titles
@@ -1106,8 +1043,7 @@ def write_preview(pipe, cfg: Config, data: EditData, name: str = "preview.png", 
 
 
 def device_setup(cfg: Config) -> tuple:
-    """Where and in what precision the run happens: (device, the base's dtype, autocast). bf16: base weights and autocast
-    in bf16, LoRA weights fp32 (add_trainable_adapters). Under torchrun, each process takes the LOCAL_RANK-th GPU."""
+    """(device, base dtype, autocast): bf16 base and autocast on CUDA (the LoRAs stay fp32), fp32 on CPU; torchrun: LOCAL_RANK's GPU."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -1174,10 +1110,9 @@ def train(cfg: Config) -> Path | None:
                 bank.swap(route.effect)
             logs = train_step(step, transformer, data.batch(route, device), sigmas, opt_student, opt_critic, cfg, gen, autocast)
             what = effects[route.effect].name if route.stream == "effect" else "general"
-            skipped = logs.pop("skipped")
-            nonfinite = nonfinite + 1 if skipped else 0
-            if skipped:
+            if skipped := logs.pop("skipped"):
                 say(f"warning: step {step + 1} ({what}): non-finite loss in {' and '.join(skipped)} -- update skipped")
+            nonfinite = nonfinite + 1 if skipped else 0
             student_logs = {k: v for k, v in logs.items() if k != "critic"} or student_logs  # shown: the last student update
             shown = student_logs | {k: v for k, v in logs.items() if k == "critic"}
             bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
@@ -1228,41 +1163,21 @@ def train(cfg: Config) -> Path | None:
     return lora
 
 
-# ---- Inference with the stock pipeline ----
-
-@torch.no_grad()
-def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type: str = "pil", guidance: float = 1.0):
-    """Editing with the stock pipeline: the student in few steps without CFG (distilled to need none), a teacher with CFG
-    g (empty negative prompt). A stochastic scheduler re-noises with torch's global RNG: it is seeded in a forked RNG."""
-    _, (vw, vh) = _qwen_sizes(image)
-    device = pipe.transformer.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return pipe(image=image, prompt=prompt, negative_prompt="" if guidance > 1 else None, true_cfg_scale=guidance,
-                    height=vh, width=vw, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(seed),
-                    output_type=output_type).images
-
-
 # ---- CLI ----
 
 def main(argv=None) -> int:
     """The CLI: one line and an exit code for each way a run can end (under torchrun, said once: by rank 0)."""
     rank = int(os.environ.get("RANK", 0))
-
-    def end(message, code: int) -> int:
-        if rank == 0:
-            print(message, file=sys.stderr)
-        return code
     try:
         train(parse_config(argv))
         return 0
     except InputError as e:
-        return end(f"error: {e}", 2)
+        message, code = f"error: {e}", 2
     except Stopped as e:
-        return end(e, e.code)
+        message, code = e, e.code
     except torch.OutOfMemoryError:
-        return end("error: out of GPU memory -- see README 'Memory plan': keep --gradient_checkpointing, lower --rank or "
-                   "--batch_size, or add GPUs (torchrun); checkpoints already written are kept: rerun with --resume", 1)
+        message, code = ("error: out of GPU memory -- see README 'Memory plan': keep --gradient_checkpointing, lower --rank or "
+                         "--batch_size, or add GPUs (torchrun); checkpoints already written are kept: rerun with --resume"), 1
     except RuntimeError as e:  # under torchrun, mostly a collective that lost a rank (gloo: "Connection closed by peer")
         if not dist.is_initialized():
             raise
@@ -1270,11 +1185,14 @@ def main(argv=None) -> int:
               f"the checkpoints already written are kept: rerun with --resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return end("interrupted -- finished checkpoints and cached teacher targets are kept; rerun the same command "
-                   "(with --resume once a checkpoint exists)", 130)
+        message, code = ("interrupted -- finished checkpoints and cached teacher targets are kept; rerun the same command "
+                         "(with --resume once a checkpoint exists)"), 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if rank == 0:
+        print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
