@@ -27,7 +27,7 @@ Deviations from the official code (causvid/), each on purpose:
  7. Step limit, atomic checkpoints and exact resume; the official loop has neither.
  8. Triggers minimise the largest pairwise cosine of the student prompts' embeddings (paper: random, never measured).
  9. TA-FM: t ~ U[t_dmd, 1000), t_dmd unshifted, then shifted (official: shifted bound, shifted again); coarse: sigma <= 0.5 in 3.4 %/1.3 %.
-10. --warmup N (0 = paper): N cheap flow-matching steps on the teacher outputs, then critic = student; the toy bench needs it (README).
+10. --warmup N (0 = paper): N cheap flow-matching steps on the teacher outputs, lr falling linearly to 0, then critic = student (README).
 11. Many GPUs: data parallel over the LoRA gradients, each rank a whole base (official: FSDP over 4+ GPUs, 3 bases).
 """
 import argparse
@@ -124,6 +124,7 @@ class Config:
     w_ts: float = knob(1.0, "weight of the target-simulation DMD term (paper: unweighted)")
     w_fm: float = knob(1.0, "weight of trajectory-anchored flow matching (paper: unweighted)")
     warmup: int = knob(0, "first N steps: cheap flow matching on teacher outputs alone, then the critic starts as the student; 0 = paper")
+    warmup_lr: float = knob(0.0, "the student's lr as the warm start begins, falling linearly to 0 at its end; 0 = --lr")
     aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop (ablation): the teacher's instruction")
     # engineering
     log_every: int = knob(50, "one log line every N steps")
@@ -166,7 +167,7 @@ def check_config(c: Config) -> None:
              "ts_last_k": 1 <= c.ts_last_k <= c.student_steps, "ts_t_min": 0 <= c.ts_t_min < 1000, "replay_p": 0 <= c.replay_p <= 1,
              "w_ts": c.w_ts >= 0, "w_fm": c.w_fm >= 0, "log_every": c.log_every >= 1, "save_every": c.save_every >= 1,
              "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1, "warmup": c.warmup >= 0,
-             "preview_every": c.preview_every >= 0, "dtype": c.dtype in ("auto", "bf16", "fp32"),
+             "warmup_lr": c.warmup_lr >= 0, "preview_every": c.preview_every >= 0, "dtype": c.dtype in ("auto", "bf16", "fp32"),
              "image_size": c.image_size >= 0 and c.image_size % 32 == 0,  # the pipeline rounds to a multiple of 32: 40 would be 32
              "condition_size": c.condition_size >= 0 and c.condition_size % 32 == 0}
     for flag in (flag for flag, ok in rules.items() if not ok):
@@ -603,9 +604,7 @@ class TeacherBank:
         with safe_open(str(self.files[index]), framework="pt") as sf:
             keys = set(sf.keys())
             for name, module in self.slot.items():
-                A_slot, B_slot = module.lora_A["teacher"].weight, module.lora_B["teacher"].weight
-                A_slot.zero_()
-                B_slot.zero_()
+                A_slot, B_slot = module.lora_A["teacher"].weight.zero_(), module.lora_B["teacher"].weight.zero_()
                 if f"{name}.A" in keys:  # shapes were checked against the base by read_lora
                     A, B = sf.get_tensor(f"{name}.A"), sf.get_tensor(f"{name}.B")
                     A_slot[: A.shape[0]] = A.to(A_slot)
@@ -871,6 +870,7 @@ def apply_update(loss, optimiser, clip: float) -> bool:
 def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic, cfg: Config, gen, autocast) -> dict:
     """Student every gen_every steps (DMD2), then critic; warm start (step < warmup): student FM on teacher outputs, then critic = it."""
     logs, skipped, warm = {}, [], step < cfg.warmup
+    opt_student.param_groups[0]["lr"] = (cfg.warmup_lr or cfg.lr) * (1 - step / cfg.warmup) if warm else cfg.lr  # deviation 10
     if step == cfg.warmup > 0:  # the warm start ends: the fake score starts as the student's own model
         copy_adapter(transformer, "student", "critic")
     if warm and b.target is None:  # no teacher output on the general stream: nothing to learn from
