@@ -269,6 +269,26 @@ def test_a_warm_start_is_ta_fm_alone_then_the_critic_starts_as_the_student(teach
     assert calls[1:3] == ["dmd", "dmd"] and calls[3][0] == "critic"
 
 
+
+def test_the_warm_start_lr_falls_as_torchs_linear_schedule_then_the_lr_is_the_papers_constant(teachers, tmp_path, monkeypatch):
+    cfg = tiny_config(teachers, tmp_path, warmup=6, max_steps=10, gen_every=1, p_switch=1.0, warmup_lr=1e-2, lr=1e-3, critic_lr=2e-3)
+    seen, update, step_of = [], cl.apply_update, cl.train_step
+    monkeypatch.setattr(cl, "train_step", lambda step, *a: seen.append(("step", step)) or step_of(step, *a))
+    monkeypatch.setattr(cl, "apply_update", lambda loss, opt, clip: seen.append(opt.param_groups[0]["lr"]) or update(loss, opt, clip))
+    cl.train(cfg)
+    lrs = {}  # step -> [the lr of each update in it: the student's, then the critic's]
+    for s in seen:
+        lrs.setdefault(s[1], []) if isinstance(s, tuple) else lrs[max(lrs)].append(s)
+    p = torch.nn.Parameter(torch.zeros(1))  # the oracle: torch's own LinearLR from warmup_lr to 0 over the warm start
+    opt = torch.optim.SGD([p], lr=1e-2)
+    schedule, expected = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=6), []
+    for _ in range(6):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert [lrs[s] for s in range(6)] == [[pytest.approx(e, rel=1e-12)] for e in expected]  # the student alone
+    assert [lrs[s] for s in range(6, 10)] == [[1e-3, 2e-3]] * 4  # then the constant lrs (student, critic), as the paper
+
 # ---- base pipelines: a local folder, image sizes ----
 
 def test_a_saved_pipeline_folder_loads_as_base_exactly(tmp_path):
