@@ -659,8 +659,8 @@ def random_trigger(rng: random.Random, name: str) -> str:
 
 
 def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: bool = True, others: list = ()) -> dict:
-    """Give each effect without a trigger the candidate minimising the largest cosine to the prompts chosen so far and to `others`
-    (--init's; not among themselves: a constant). Returns the naive (first) and chosen max pairwise cosine. aop False: "w/o AOP"."""
+    """Give each effect without a trigger the candidate that minimises the largest cosine to the prompts chosen so far and to
+    `others` (an --init student's). Returns the naive (first) and chosen largest pairwise cosines. aop False: the "w/o AOP" ablation."""
     rng, naive, chosen = random.Random(f"{seed}/triggers"), [], []
     empty = prompt_embedding(pipe, "")  # subtracted, so the shared chat template does not dominate the cosine
     known = [prompt_embedding(pipe, p) - empty for p in others]
@@ -1087,8 +1087,8 @@ def train(cfg: Config) -> Path | None:
         pipe.text_encoder.to("cpu"), pipe.vae.to("cpu")
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-    opt_student, opt_critic = (torch.optim.AdamW(adapter_params(transformer, name), lr, (cfg.beta1, cfg.beta2),
-                                                 weight_decay=cfg.weight_decay) for name, lr in (("student", cfg.lr), ("critic", cfg.critic_lr)))
+    opt_student, opt_critic = (torch.optim.AdamW(adapter_params(transformer, name), lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+                               for name, lr in (("student", cfg.lr), ("critic", cfg.critic_lr)))
     router = Router(len(effects), [len(p) for p in data.pools], len(general), cfg.p_switch, cfg.route_every, cfg.seed,
                     cfg.batch_size, sum(e.name in {o["name"] for o in old} for e in effects), cfg.replay_p, rank)
     gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)  # each rank its own noise
