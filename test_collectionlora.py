@@ -1199,3 +1199,25 @@ def test_effectbench_a_bad_effect_set_is_refused_before_any_stage_runs(effects, 
     with pytest.raises(cl.InputError, match=message):
         eb.benchmark(effects, 0, root=str(tmp_path / "bench"))
     assert not (tmp_path / "bench").exists()
+
+
+def test_effectbench_images_gives_the_distiller_the_shipped_sources_then_new_ones_and_refuses_too_many(tmp_path):
+    """--images K: the same teacher files; the first 32 sources byte for byte those stage_teachers wrote, then
+    train[48:], past the general stream's 16; more than the train sources left is refused before any stage runs."""
+    flip = {"a": ("Do it", lambda x: x.flip(0))}
+    with pytest.raises(cl.InputError, match="--images 241: pass 1 to 240"):
+        eb.benchmark(flip, 0, root=str(tmp_path / "bench"), images=241)
+    assert not (tmp_path / "bench").exists()
+    world, shipped = eb.build_world(flip, 0), tmp_path / "teachers" / "a"
+    (shipped / "images").mkdir(parents=True)
+    (shipped / "a.safetensors").write_bytes(b"lora bytes")
+    (shipped / "effect.json").write_text('{"instruction": "Do it"}')
+    for j in range(32):
+        eb.to_pil(world.train[j]).save(shipped / "images" / f"{j}.png")
+    view = eb.with_images(world, tmp_path / "teachers", tmp_path / "view", 40) / "a"
+    assert sorted(p.name for p in view.iterdir()) == ["a.safetensors", "effect.json", "images"]
+    assert (view / "a.safetensors").read_bytes() == b"lora bytes"
+    assert len(list((view / "images").iterdir())) == 40
+    assert all((view / "images" / f"{j}.png").read_bytes() == (shipped / "images" / f"{j}.png").read_bytes() for j in range(32))
+    for j, i in ((32, 48), (39, 55)):
+        torch.testing.assert_close(eb.from_pil(Image.open(view / "images" / f"{j}.png")), world.train[i], rtol=0, atol=1 / 255)

@@ -1395,6 +1395,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes for the independent stages (teachers; students, FM, Lightning), one core each")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per held-out source")
+    p.add_argument("--images", type=int, default=32, help="source images per effect that the distiller (and the FM "
+                   "baselines) get, each with its teacher target; the teachers trained on all 256 train sources")
     p.add_argument("--guidance", type=float, default=1.0, help="teacher CFG g for the real score, the teacher targets and "
                    "the 'vs teacher' reference: these teachers need none (g = 1 and 2 score alike, g = 5 worst), and at g = 1 "
                    "their outputs keep their modes (the README's convergence notes)")
@@ -1433,6 +1435,8 @@ def setup(spec: dict, args):
     root = Path(args.root) / f"seed{args.seed}"
     world = build_world(spec, args.seed)
     check_registry(world.effects, world.test[:8])
+    if not 1 <= args.images <= len(world.train) - 16:
+        raise cl.InputError(f"--images {args.images}: pass 1 to {len(world.train) - 16} (the train sources not in the general stream)")
     effects = world.effects
     log(f"world: {len(world.train)} train / {len(world.test)} held-out sources, {len(effects)} effects "
         f"({sum(e.K > 1 for e in effects)} multi-modal)")
@@ -1463,9 +1467,29 @@ def setup(spec: dict, args):
     in_parallel(args.jobs, [lambda j=j: stage_teachers(world, effects, base, teachers, general, args.teacher_steps,
                                                       args.seed, part=(j, args.jobs)) for j in range(args.jobs)])
     stage_teachers(world, effects, base, teachers, general, args.teacher_steps, args.seed)  # cached by now
+    if args.images != 32:  # the distiller's data, not the teachers: a cache of its own
+        tag += f"_img{args.images}"
+        teachers = with_images(world, teachers, root / tag / "teachers", args.images)
     # the exact user path: the folder is read by collectionlora's own reader
     assert [e.name for e in cl.read_teachers(teachers)] == sorted(names)
     return world, root, base, info, tag, teachers, general, toy_base
+
+
+def with_images(world: World, teachers: Path, folder: Path, k: int) -> Path:
+    """The same teachers with k source images per effect (the distiller's teacher targets): train[0:32] as stage_teachers
+    writes them, then train[48:], past the general stream's 16. The teachers themselves trained on all of train."""
+    for effect in sorted(d for d in teachers.iterdir() if d.is_dir()):
+        out, tmp = folder / effect.name, folder / (effect.name + ".tmp")
+        if (out / "effect.json").is_file():
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "images").mkdir(parents=True)
+        for f in [*effect.glob("*.safetensors"), effect / "effect.json"]:
+            shutil.copy(f, tmp / f.name)
+        for j, i in enumerate([*range(min(k, 32)), *range(48, 48 + k - 32)]):
+            to_pil(world.train[i]).save(tmp / "images" / f"{j}.png")
+        os.replace(tmp, out)
+    return folder
 
 
 def distil_plan(n_effects: int, args) -> tuple:
