@@ -3,7 +3,8 @@
     python examples/distil_curve.py NAME '{"warmup": 6000, "max_steps": 7500, "guidance": 1.0}' [--curve_every 500]
 
 The knobs start from effectbench.DISTIL_KNOBS (guidance 2, no warm start, 1,500 iterations unless given); --seed S seeds the
-run (LoRA init, router, noise, teacher targets) while the held-out sources stay those of seed 0. The run goes to
+run (LoRA init, router, noise, teacher targets) while the held-out sources stay those of seed 0; --images K gives each
+effect K source images (effectbench --images). The run goes to
 runs/curves/NAME (teacher targets cached in runs/curves/cache, shared by every run), then the student of every kept
 checkpoint is measured like the bench's rows (16 held-out sources x 4 seeds) and printed as one JSON line:
 [step, PSNR to the nearest valid output, mode coverage, bad-case ratio]. The README's convergence table came from this.
@@ -28,6 +29,8 @@ def main(argv=None):
     p.add_argument("--curve_every", type=int, default=250, help="a checkpoint (a point of the curve) every N iterations")
     p.add_argument("--root", default="runs/curves")
     p.add_argument("--seed", type=int, default=0, help="collectionlora --seed: a replicate of the same run")
+    p.add_argument("--images", type=int, default=32, help="source images per effect (effectbench --images): the shipped 32, "
+                   "then more of the world's train sources")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     root, knobs = Path(args.root), json.loads(args.knobs)
@@ -35,13 +38,15 @@ def main(argv=None):
     if not teachers.is_dir():
         for n in eb.QUICK_EFFECTS:
             shutil.copytree(eb.TOY / "teachers" / n, teachers / n)
+    world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
+    if args.images != 32:
+        teachers = eb.with_images(world, teachers, root / f"quick_teachers_img{args.images}", args.images)
     steps = knobs.pop("max_steps", 1500)
     k = eb.DISTIL_KNOBS | {"max_steps": steps, "guidance": 2.0, "log_every": 250, "save_every": args.curve_every,
                            "keep_checkpoints": steps // args.curve_every + 1, "cache_dir": str(root / "cache")} | knobs
     out, t0 = root / args.name, time.time()
     eb.stage_distil(teachers, general, base, out, args.seed, **k)
     seconds = time.time() - t0
-    world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
     pipe = eb.load_all(base, world.effects, teachers, {"collectionlora": out / "lora"})
     curve = eb.checkpoint_curve(world, world.effects, pipe, out, "collectionlora", seeds=4)
     print(json.dumps({"name": args.name, "knobs": knobs, "distil_seconds": round(seconds),
