@@ -43,6 +43,7 @@ stock_pipeline_check runs the same teacher edit through pipe(...) and asserts th
 Stages and cache (runs/effectbench/seed<S>/; each stage is skipped when its output exists):
   base_v<vae>_b<base>/   the trained base as a diffusers pipeline folder (what `collectionlora --base` loads)
   <tag>/teachers/        the --teachers folder: <effect>/{<effect>.safetensors, effect.json, images/ (32 sources)}
+  <tag>_img<K>/          --images K: the same teachers with K sources each, and every student of them
   <tag>/general/         the --general folder: 16 pictures + .txt instructions
   <tag>/distil_<steps>/  collectionlora.train's --out (lora/, preview.png, checkpoints/, cache/)
   <tag>/report/          table.md, results.json (every number), grid.png
