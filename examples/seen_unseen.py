@@ -26,6 +26,12 @@ def main(argv=None):
     p.add_argument("run", help="a distillation's folder (with lora/) of the --quick effects")
     p.add_argument("--fm", default="", help="also this FM LoRA folder, with the student's prompts")
     args = p.parse_args(argv)
+    if not (Path(args.run) / "lora" / "pytorch_lora_weights.safetensors").is_file():
+        p.exit(2, f"error: RUN '{args.run}' has no lora/pytorch_lora_weights.safetensors -- pass a finished distillation's "
+                  f"folder (distil_curve.py writes runs/curves/NAME)\n")
+    if args.fm and not (Path(args.fm) / "pytorch_lora_weights.safetensors").is_file():
+        p.exit(2, f"error: --fm '{args.fm}' has no pytorch_lora_weights.safetensors -- pass an FM LoRA folder "
+                  f"(effectbench --quick writes runs/effectbench/seed0/quick_t600_toy/fm_teacher_lora_g1)\n")
     torch.set_num_threads(1)
     world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
     student = Path(args.run) / "lora"
