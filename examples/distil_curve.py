@@ -29,7 +29,7 @@ def main(argv=None):
     p.add_argument("--curve_every", type=int, default=250, help="a checkpoint (a point of the curve) every N iterations")
     p.add_argument("--root", default="runs/curves")
     p.add_argument("--seed", type=int, default=0, help="collectionlora --seed: a replicate of the same run")
-    p.add_argument("--images", type=int, default=32, help="source images per effect (effectbench --images): the shipped 32, "
+    p.add_argument("--images", type=int, default=eb.IMAGES, help="source images per effect (effectbench --images): the shipped 32, "
                    "then more of the world's train sources")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def main(argv=None):
         for n in eb.QUICK_EFFECTS:
             shutil.copytree(eb.TOY / "teachers" / n, teachers / n)
     world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
-    if args.images != 32:
+    if args.images != eb.IMAGES:
         teachers = eb.with_images(world, teachers, root / f"quick_teachers_img{args.images}", args.images)
     steps = knobs.pop("max_steps", 1500)
     k = eb.DISTIL_KNOBS | {"max_steps": steps, "guidance": 2.0, "log_every": 250, "save_every": args.curve_every,

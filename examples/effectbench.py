@@ -761,8 +761,12 @@ def lora_config(rank: int):
     return LoraConfig(r=rank, lora_alpha=rank, target_modules=list(cl.QWEN_TARGET_MODULES), init_lora_weights=True)
 
 
+# Each teacher folder's images/: train[0:IMAGES]; the general folder: the next GENERAL train sources (--images: more after them)
+IMAGES, GENERAL = 32, 16
+
+
 def stage_teachers(world: World, effects: list, base: Path, folder: Path, general: Path, steps: int, seed: int,
-                   n_images: int = 32, n_general: int = 16, part: tuple = (0, 1)) -> dict:
+                   n_images: int = IMAGES, n_general: int = GENERAL, part: tuple = (0, 1)) -> dict:
     """One LoRA per effect (ranks cycle 4, 8, 16), flow matching on (source, fn(source, random variant))
     with the effect's instruction; written as a collectionlora --teachers folder, plus --general.
     part (j, J): only the effects k with k % J == j (each teacher is seeded by k alone)."""
@@ -1358,7 +1362,7 @@ def export_toy(world: World, base: Path, folder: Path, teacher_steps: int, seed:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp / "base")
     effects = [e for e in world.effects if e.name in TOY_EFFECTS]
-    stage_teachers(world, effects, base, tmp / "teachers", tmp / "general", teacher_steps, seed, n_images=32)
+    stage_teachers(world, effects, base, tmp / "teachers", tmp / "general", teacher_steps, seed)
     lightning = stage_lightning(tmp / "teachers", effects[0].name, tmp / "general", base, work, seed, lightning_steps)
     shutil.copytree(lightning, tmp / "lightning")
     meta = json.loads((tmp / "lightning" / "collectionlora.json").read_text())
@@ -1396,7 +1400,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes for the independent stages (teachers; students, FM, Lightning), one core each")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per held-out source")
-    p.add_argument("--images", type=int, default=32, help="source images per effect that the distiller (and the FM "
+    p.add_argument("--images", type=int, default=IMAGES, help="source images per effect that the distiller (and the FM "
                    "baselines) get, each with its teacher target; the teachers trained on all 256 train sources")
     p.add_argument("--guidance", type=float, default=1.0, help="teacher CFG g for the real score, the teacher targets and "
                    "the 'vs teacher' reference: these teachers need none (g = 1 and 2 score alike, g = 5 worst), and at g = 1 "
@@ -1436,8 +1440,8 @@ def setup(spec: dict, args):
     root = Path(args.root) / f"seed{args.seed}"
     world = build_world(spec, args.seed)
     check_registry(world.effects, world.test[:8])
-    if not 1 <= args.images <= len(world.train) - 16:
-        raise cl.InputError(f"--images {args.images}: pass 1 to {len(world.train) - 16} (the train sources not in the general stream)")
+    if not 1 <= args.images <= len(world.train) - GENERAL:
+        raise cl.InputError(f"--images {args.images}: pass 1 to {len(world.train) - GENERAL} (the train sources not in the general stream)")
     effects = world.effects
     log(f"world: {len(world.train)} train / {len(world.test)} held-out sources, {len(effects)} effects "
         f"({sum(e.K > 1 for e in effects)} multi-modal)")
@@ -1468,7 +1472,7 @@ def setup(spec: dict, args):
     in_parallel(args.jobs, [lambda j=j: stage_teachers(world, effects, base, teachers, general, args.teacher_steps,
                                                       args.seed, part=(j, args.jobs)) for j in range(args.jobs)])
     stage_teachers(world, effects, base, teachers, general, args.teacher_steps, args.seed)  # cached by now
-    if args.images != 32:  # the distiller's data, not the teachers: a cache of its own
+    if args.images != IMAGES:  # the distiller's data, not the teachers: a cache of its own
         tag += f"_img{args.images}"
         teachers = with_images(world, teachers, root / tag / "teachers", args.images)
     # the exact user path: the folder is read by collectionlora's own reader
@@ -1477,8 +1481,8 @@ def setup(spec: dict, args):
 
 
 def with_images(world: World, teachers: Path, folder: Path, k: int) -> Path:
-    """The same teachers with k source images per effect (the distiller's teacher targets): train[0:32] as stage_teachers
-    writes them, then train[48:], past the general stream's 16. The teachers themselves trained on all of train."""
+    """The same teachers with k source images per effect (the distiller's teacher targets): train[0:IMAGES] as stage_teachers
+    writes them, then the train sources past the general stream's. The teachers themselves trained on all of train."""
     for effect in sorted(d for d in teachers.iterdir() if d.is_dir()):
         out, tmp = folder / effect.name, folder / (effect.name + ".tmp")
         if (out / "effect.json").is_file():
@@ -1487,7 +1491,7 @@ def with_images(world: World, teachers: Path, folder: Path, k: int) -> Path:
         (tmp / "images").mkdir(parents=True)
         for f in [*effect.glob("*.safetensors"), effect / "effect.json"]:
             shutil.copy(f, tmp / f.name)
-        for j, i in enumerate([*range(min(k, 32)), *range(48, 48 + k - 32)]):
+        for j, i in enumerate([*range(min(k, IMAGES)), *range(IMAGES + GENERAL, GENERAL + k)]):
             to_pil(world.train[i]).save(tmp / "images" / f"{j}.png")
         os.replace(tmp, out)
     return folder

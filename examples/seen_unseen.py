@@ -6,7 +6,7 @@ on the held-out ones.
 RUN is a distil_curve.py (or effectbench) distillation of the four --quick effects. The same rows as the bench (teacher 40
 steps at CFG 1, teacher 8 plain steps, the student; FM on teacher outputs with --fm), measured like the bench's rows on 16
 sources x 4 seeds, on three source sets: train[0:16] (every effect's first 16 images: the student trained on them),
-train[64:80] (the teachers trained on them; the student only with --images 48 or more) and the held-out sources. Prints
+train[64:80] (the teachers trained on them; the student too with --images 64 or more) and the held-out sources. Prints
 one JSON line per set: {row: [PSNR to the nearest valid output, coverage, bad-case ratio, dB below the teacher]}.
 """
 import argparse
