@@ -18,7 +18,7 @@ Run (python collectionlora.py --help: every knob; README: the folders, the memor
     python collectionlora.py --init runs/mine/lora --teachers new/ --replay my_effects/ ...  # add effects to it
 
 Deviations from the official code (causvid/), each on purpose:
- 1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline) and cached, not made by hand.
+ 1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline), each with its own noise, and cached; not by hand.
  2. All teachers share ONE exact rank-padded `teacher` adapter slot on the base (TeacherBank), in any diffusers format.
  3. PDSR redraws the stream every `route_every` steps as the code does (paper: every step), from (seed, step) alone: exact resume.
  4. Target-simulation inputs come from the last `ts_last_k` student sigmas (code), not tau_max (paper).
@@ -691,7 +691,7 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
     e, image = bank.effects[index], Image.open(image_path).convert("RGB")
     _, (vw, vh) = _qwen_sizes(image)
     key = hashlib.sha256(json.dumps([cfg.base, bank.hashes[index], file_hash(image_path), vw, vh, e.instruction,
-                                     e.weight, cfg.seed, cfg.teacher_steps, cfg.guidance]).encode()).hexdigest()[:24]
+                                     e.weight, cfg.seed, cfg.teacher_steps, cfg.guidance, "own noise"]).encode()).hexdigest()[:24]
     path = cfg.cache / "targets" / f"{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
@@ -699,7 +699,8 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
     use_adapter(pipe.transformer, "teacher")
     student_sched, pipe.scheduler = pipe.scheduler, teacher_scheduler
     try:
-        y = sample(pipe, image, e.instruction, cfg.teacher_steps, cfg.seed, "latent", cfg.guidance).float().cpu()  # (1, L, 4C)
+        # each target its own noise (seeded by its key): with one seed for all, most targets of a multi-modal effect were one mode
+        y = sample(pipe, image, e.instruction, cfg.teacher_steps, int(key[:15], 16), "latent", cfg.guidance).float().cpu()  # (1, L, 4C)
     finally:
         pipe.scheduler = student_sched
     atomic_save(y, path)

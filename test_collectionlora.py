@@ -433,6 +433,30 @@ def test_teacher_targets_and_encodings_are_cached(teachers, trained, monkeypatch
     assert torch.equal(cached.embeds, fresh.embeds) and torch.equal(cached.image_latents, fresh.image_latents)
 
 
+def test_every_teacher_target_starts_from_its_own_noise_and_again_from_the_same(teachers, tmp_path, monkeypatch):
+    """One noise for every source made most targets of a multi-modal effect one mode (README: issue 11, the targets' noise)."""
+    noises, prepare_latents = [], QwenImageEditPlusPipeline.prepare_latents
+    monkeypatch.setattr(QwenImageEditPlusPipeline, "prepare_latents",
+                        lambda *a, **k: (out := prepare_latents(*a, **k), noises.append(out[0].clone()))[0])
+    images = [teachers / "general" / f"{j}.png" for j in range(3)]  # three sources of one size
+
+    def starting_noises(seed, out):
+        cfg = tiny_config(teachers, out, seed=seed)
+        pipe = build_tiny_pipeline(0)
+        pipe.set_progress_bar_config(disable=True)
+        bank = cl.TeacherBank(effects := cl.read_teachers(cfg.teachers), pipe, cfg.cache)
+        noises.clear()
+        targets = [cl.teacher_target(pipe, bank, i, p, cfg, pipe.scheduler) for i in range(2) for p in images]
+        return torch.cat(noises), torch.cat(targets)
+    first, targets = starting_noises(0, tmp_path / "a")
+    assert first.shape == targets.shape == (6, 16, 16)
+    assert all(not torch.equal(first[i], first[j]) for i in range(6) for j in range(i))  # each (effect, source): its own
+    again, same_targets = starting_noises(0, tmp_path / "b")  # a fresh cache: computed again, to the same noise and target
+    assert torch.equal(first, again) and torch.equal(targets, same_targets)
+    other, _ = starting_noises(1, tmp_path / "c")  # --seed changes every target's noise
+    assert all(not torch.equal(x, y) for x, y in zip(first, other))
+
+
 def test_exported_lora_reproduces_the_student_in_a_stock_pipeline(teachers, trained):
     out, lora = trained
     meta = json.loads((lora / "collectionlora.json").read_text())
