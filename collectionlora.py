@@ -692,14 +692,13 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
     _, (vw, vh) = _qwen_sizes(image)
     key = hashlib.sha256(json.dumps([cfg.base, bank.hashes[index], file_hash(image_path), vw, vh, e.instruction,
                                      e.weight, cfg.seed, cfg.teacher_steps, cfg.guidance, "own noise"]).encode()).hexdigest()[:24]
-    path = cfg.cache / "targets" / f"{key}.pt"
+    path = cfg.cache / "targets" / f"{key}.pt"  # the key seeds the noise too: one seed for every source gave mostly one mode
     if path.exists():
         return torch.load(path, weights_only=True)
     bank.swap(index)
     use_adapter(pipe.transformer, "teacher")
     student_sched, pipe.scheduler = pipe.scheduler, teacher_scheduler
     try:
-        # each target its own noise (seeded by its key): with one seed for all, most targets of a multi-modal effect were one mode
         y = sample(pipe, image, e.instruction, cfg.teacher_steps, int(key[:15], 16), "latent", cfg.guidance).float().cpu()  # (1, L, 4C)
     finally:
         pipe.scheduler = student_sched
