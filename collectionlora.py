@@ -168,7 +168,7 @@ def check_config(c: Config) -> None:
              "w_ts": c.w_ts >= 0, "w_fm": c.w_fm >= 0, "log_every": c.log_every >= 1, "save_every": c.save_every >= 1,
              "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1, "warmup": c.warmup >= 0,
              "warmup_lr": c.warmup_lr >= 0, "preview_every": c.preview_every >= 0, "dtype": c.dtype in ("auto", "bf16", "fp32"),
-             "image_size": c.image_size in range(0, 10_000, 32), "condition_size": c.condition_size in range(0, 10_000, 32)}  # 40 -> 32
+             "image_size": c.image_size in range(0, 10_000, 32), "condition_size": c.condition_size in range(0, 10_000, 32)}
     for flag in (flag for flag, ok in rules.items() if not ok):
         raise InputError(f"--{flag} {getattr(c, flag)} is invalid -- see `--help` for its meaning and default")
     if not c.teachers:
