@@ -42,16 +42,19 @@ def main(argv=None):
         index = [x.name for x in effects].index(args.effect)
         bank = cl.TeacherBank(effects, pipe, cfg.cache)
         rt = lambda x: eb.unpack(pipe, eb.pack(pipe, x))  # the VAE round trip of a valid output
-        ways = {"one noise for every source": lambda path: (bank.swap(index), cl.use_adapter(pipe.transformer, "teacher"),
-                                                             cl.sample(pipe, Image.open(path).convert("RGB"), e.instruction, 40,
-                                                                       cfg.seed, "latent", 1.0))[-1],
+
+        def one_noise(path):  # teacher_target before c774572: the teacher from the noise of --seed, whatever the source
+            bank.swap(index)
+            cl.use_adapter(pipe.transformer, "teacher")
+            return cl.sample(pipe, Image.open(path).convert("RGB"), e.instruction, 40, cfg.seed, "latent", 1.0)
+        ways = {"one noise for every source": one_noise,
                 "its own noise (teacher_target)": lambda path: cl.teacher_target(pipe, bank, index, path, cfg, pipe.scheduler)}
         for way, target in ways.items():
             counts = torch.zeros(e.K, dtype=torch.long)
             for path in effects[index].images[: args.images]:
                 x = eb.from_pil(Image.open(path))
-                valid = rt(e.outputs(x))                                      # (K, 3, H, W)
-                out = eb.unpack(pipe, target(path).float())               # (1, 3, H, W)
+                valid = rt(e.outputs(x))                     # (K, 3, H, W)
+                out = eb.unpack(pipe, target(path).float())  # (1, 3, H, W)
                 counts[eb.distances(out, valid[:, None]).argmin(0)] += 1
             mode = torch.repeat_interleave(torch.arange(e.K), counts)
             print(json.dumps({"effect": args.effect, "noise": way, "targets_per_output": counts.tolist(),
