@@ -18,7 +18,7 @@ Run (python collectionlora.py --help: every knob; README: the folders, the memor
     python collectionlora.py --init runs/mine/lora --teachers new/ --replay my_effects/ ...  # add effects to it
 
 Deviations from the official code (causvid/), each on purpose:
- 1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline), each from its own noise, and cached; not by hand.
+ 1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline), each from its own noise (K per source), and cached.
  2. All teachers share ONE exact rank-padded `teacher` adapter slot on the base (TeacherBank), in any diffusers format.
  3. PDSR redraws the stream every `route_every` steps as the code does (paper: every step), from (seed, step) alone: exact resume.
  4. Target-simulation inputs come from the last `ts_last_k` student sigmas (code), not tau_max (paper).
@@ -30,23 +30,8 @@ Deviations from the official code (causvid/), each on purpose:
 10. --warmup N (0 = paper): N cheap flow-matching steps on the teacher outputs, lr falling linearly to 0, then critic = student (README).
 11. Many GPUs: data parallel over the LoRA gradients, each rank a whole base (official: FSDP over 4+ GPUs, 3 bases).
 """
-import argparse
-import collections
-import contextlib
-import dataclasses
-import errno
-import functools
-import hashlib
-import importlib
-import json
-import os
-import random
-import shutil
-import signal
-import sys
-import threading
-import time
-import warnings
+import argparse, collections, contextlib, dataclasses, errno, functools, hashlib, importlib, json, os, random, shutil
+import signal, sys, threading, time, warnings
 from pathlib import Path
 
 import torch
@@ -117,6 +102,7 @@ class Config:
     student_steps: int = knob(8, "student NFE; the paper's 8-step sampler")
     shift: float = knob(3.0, "static timestep shift of student and training timesteps (official)")
     teacher_steps: int = knob(40, "teacher steps for the cached targets (paper: 40 steps x 2 for CFG)")
+    targets_per_image: int = knob(1, "K teacher targets per (effect, source), each its own noise (paper 1); toy: 4 teach picking a mode")
     guidance: float = knob(5.0, "real-score CFG g (diffusers convention; official 4.0 in cond + g(cond-uncond))")
     # coarse-to-fine objective
     ts_last_k: int = knob(5, "target simulation noises the teacher output to one of the last k student sigmas")
@@ -162,8 +148,8 @@ def check_config(c: Config) -> None:
     rules = {"max_steps": c.max_steps >= 1, "batch_size": c.batch_size >= 1, "p_switch": 0 <= c.p_switch <= 1, "lr": c.lr > 0,
              "critic_lr": c.critic_lr > 0, "rank": c.rank >= 1, "alpha": c.alpha > 0, "gen_every": c.gen_every >= 1,
              "route_every": c.route_every >= 1, "student_steps": c.student_steps >= 1, "shift": c.shift > 0,
-             "teacher_steps": c.teacher_steps >= 1, "guidance": c.guidance >= 1, "grad_clip": c.grad_clip > 0,
-             "beta1": 0 <= c.beta1 < 1, "beta2": 0 <= c.beta2 < 1, "weight_decay": c.weight_decay >= 0,
+             "teacher_steps": c.teacher_steps >= 1, "targets_per_image": c.targets_per_image >= 1, "guidance": c.guidance >= 1,
+             "grad_clip": c.grad_clip > 0, "beta1": 0 <= c.beta1 < 1, "beta2": 0 <= c.beta2 < 1, "weight_decay": c.weight_decay >= 0,
              "ts_last_k": 1 <= c.ts_last_k <= c.student_steps, "ts_t_min": 0 <= c.ts_t_min < 1000, "replay_p": 0 <= c.replay_p <= 1,
              "w_ts": c.w_ts >= 0, "w_fm": c.w_fm >= 0, "log_every": c.log_every >= 1, "save_every": c.save_every >= 1,
              "keep_checkpoints": c.keep_checkpoints >= 1, "max_nonfinite": c.max_nonfinite >= 1, "warmup": c.warmup >= 0,
@@ -685,11 +671,11 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: b
 
 # ---- Data: every (prompt, image) encoded once, every teacher target ("base_pred") computed once ----
 
-def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler):
-    """The teacher's output latents for (effect, source image): the stock pipeline with its LoRA, the base's scheduler, CFG g; cached."""
+def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler, j: int = 0):
+    """Teacher output j (latents) for (effect, source image): the stock pipeline with its LoRA, the base's scheduler, CFG g; cached."""
     e, image = bank.effects[index], Image.open(image_path).convert("RGB")
     _, (vw, vh) = _qwen_sizes(image)
-    seed = cfg.seed + int(hashlib.sha256((file_hash(image_path) + e.instruction).encode()).hexdigest()[:15], 16)  # of source and prompt
+    seed = cfg.seed + int(hashlib.sha256((file_hash(image_path) + e.instruction + (f"/{j}" if j else "")).encode()).hexdigest()[:15], 16)
     inputs = [cfg.base, bank.hashes[index], seed, vw, vh, e.weight, cfg.teacher_steps, cfg.guidance]  # all the target depends on
     path = cfg.cache / "targets" / f"{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:24]}.pt"
     if path.exists():
@@ -698,7 +684,7 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
     use_adapter(pipe.transformer, "teacher")
     student_sched, pipe.scheduler = pipe.scheduler, teacher_scheduler
     try:
-        # important! each (source, instruction) its own noise: with one seed for all, most targets of a multi-modal effect were one mode
+        # important! each (source, instruction, j) its own noise: with one seed for all, most targets of a multi-modal effect were one mode
         y = sample(pipe, image, e.instruction, cfg.teacher_steps, seed, "latent", cfg.guidance).float().cpu()  # (1, L, 4C)
     finally:
         pipe.scheduler = student_sched
@@ -733,22 +719,23 @@ class EditData:
     def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
         self.effects, self.pools = effects, [e.images or [p for p, _ in general] for e in effects]  # read_inputs: none is empty
         enc = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg))
-        self.effect_inputs, self.targets = {}, {}
-        items, (rank, world) = [(i, p) for i, pool in enumerate(self.pools) for p in pool], rank_and_world()
-        for i, p in items[rank::world] if world > 1 else ():  # torchrun: each rank first fills its share of the cache
-            teacher_target(pipe, bank, i, p, cfg, teacher_scheduler)
+        self.effect_inputs, self.targets, K = {}, {}, cfg.targets_per_image  # router index s: source s % n, target s // n
+        items, (rank, world) = [(i, p, j) for i, pool in enumerate(self.pools) for j in range(K) for p in pool], rank_and_world()
+        for i, p, j in items[rank::world] if world > 1 else ():  # torchrun: each rank first fills its share of the cache
+            teacher_target(pipe, bank, i, p, cfg, teacher_scheduler, j)
         if world > 1:
             dist.barrier()
-        for i, p in tqdm(items, desc="teacher targets", disable=rank > 0):
+        for i, p, j in tqdm(items, desc="teacher targets", disable=rank > 0):
             self.effect_inputs[i, p] = (enc(effects[i].student_prompt, p), enc(effects[i].instruction, p), enc("", p))
-            self.targets[i, p] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler)
+            self.targets[i, p, j] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler, j)
         self.general_inputs = [(enc(instruction, image), enc("", image)) for image, instruction in general]
 
     def batch(self, r: Route, device) -> Batch:
         if r.stream == "effect":
-            paths = [self.pools[r.effect][i] for i in r.sources]
-            student, teacher, negative = (stack([self.effect_inputs[r.effect, p][j] for p in paths], device) for j in range(3))
-            return Batch(student, teacher, negative, "teacher", torch.cat([self.targets[r.effect, p] for p in paths]).to(device))
+            pool = self.pools[r.effect]
+            picks = [(pool[s % len(pool)], s // len(pool)) for s in r.sources]  # (source, which of its K targets)
+            student, teacher, negative = (stack([self.effect_inputs[r.effect, p][k] for p, _ in picks], device) for k in range(3))
+            return Batch(student, teacher, negative, "teacher", torch.cat([self.targets[r.effect, p, j] for p, j in picks]).to(device))
         prompt, negative = (stack([self.general_inputs[i][j] for i in r.sources], device) for j in range(2))
         return Batch(prompt, prompt, negative, None, None)  # general stream: everyone sees the instruction
 
@@ -1007,10 +994,9 @@ def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | No
     use_adapter(transformer, adapter)
     out = []
     for i, pool in enumerate(data.pools):
-        c, y = data.effect_inputs[i, pool[0]][0].to(sigmas.device), data.targets[i, pool[0]].to(sigmas.device)
-        d = [F.mse_loss(backward_simulation(transformer, c, sigmas, len(sigmas),
-                                            torch.Generator(sigmas.device).manual_seed(s)), y).item() for s in seeds]
-        out.append(sum(d) / len(d))
+        c, y = data.effect_inputs[i, pool[0]][0].to(sigmas.device), data.targets[i, pool[0], 0].to(sigmas.device)
+        out.append(sum(F.mse_loss(backward_simulation(transformer, c, sigmas, len(sigmas), torch.Generator(sigmas.device).manual_seed(s)),
+                                  y).item() for s in seeds) / len(seeds))
     return out
 
 
@@ -1023,7 +1009,7 @@ def write_preview(pipe, cfg: Config, data: EditData, name: str = "preview.png", 
         image = Image.open(path := data.pools[i][0]).convert("RGB")
         _, (w, h) = _qwen_sizes(image)
         student = sample(pipe, image, e.student_prompt, cfg.student_steps, cfg.seed, output_type="latent")
-        cells.append([pipe.image_processor.resize(image, h, w), decode(pipe, data.targets[i, path], w, h), decode(pipe, student, w, h)])
+        cells.append([pipe.image_processor.resize(image, h, w), decode(pipe, data.targets[i, path, 0], w, h), decode(pipe, student, w, h)])
     scale = max(1, 96 // max(r[0].height for r in cells))
     cells = [[c.resize((c.width * scale, c.height * scale), Image.NEAREST) for c in row] for row in cells]
     left, top = 6 * max(len(e.name) for e in data.effects[:rows]) + 6, 14  # room for the names and titles
@@ -1089,8 +1075,8 @@ def train(cfg: Config) -> Path | None:
             transformer.enable_gradient_checkpointing()
     opt_student, opt_critic = (torch.optim.AdamW(adapter_params(transformer, name), lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
                                for name, lr in (("student", cfg.lr), ("critic", cfg.critic_lr)))
-    router = Router(len(effects), [len(p) for p in data.pools], len(general), cfg.p_switch, cfg.route_every, cfg.seed,
-                    cfg.batch_size, sum(e.name in {o["name"] for o in old} for e in effects), cfg.replay_p, rank)
+    router = Router(len(effects), [len(p) * cfg.targets_per_image for p in data.pools], len(general), cfg.p_switch, cfg.route_every,
+                    cfg.seed, cfg.batch_size, sum(e.name in {o["name"] for o in old} for e in effects), cfg.replay_p, rank)
     gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)  # each rank its own noise
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
     start = load_checkpoint(max(ckpt_dir.glob("step_*.pt")), transformer, opt_student, opt_critic, gen) if cfg.resume else 0

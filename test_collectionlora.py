@@ -4,6 +4,7 @@
 """
 import collections
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -455,6 +456,35 @@ def test_every_teacher_target_starts_from_its_own_noise_and_again_from_the_same(
     assert torch.equal(first, again) and torch.equal(targets, same_targets)
     other, _ = starting_noises(1, tmp_path / "c")  # --seed changes every target's noise
     assert all(not torch.equal(x, y) for x, y in zip(first, other))
+
+
+def test_k_targets_per_source_each_its_own_noise_every_one_drawn_with_its_own_source(tmp_path, monkeypatch):
+    """--targets_per_image K: K teacher outputs per (effect, source), output 0 the K = 1 target itself; the router's pool holds
+    all n * K of them, and a batch pairs each with the inputs of the source it was made from (README: one target per source)."""
+    make_tiny_teachers(tmp_path / "teachers", tmp_path / "general", n_images=2, effects=EFFECTS[:2])
+    router, prepare, sizes, made = cl.Router, cl.prepare, [], []
+    monkeypatch.setattr(cl, "Router", lambda n, pool_sizes, *a, **k: sizes.append(pool_sizes) or router(n, pool_sizes, *a, **k))
+    monkeypatch.setattr(cl, "prepare", lambda *a, **k: made.append(prepare(*a, **k)) or made[-1])
+    cl.train(tiny_config(tmp_path, tmp_path / "k3", targets_per_image=3, max_steps=2, warmup=2))
+    assert sizes == [[6, 6]]  # 2 sources x 3 targets per effect
+    _, data, _ = made[0]
+    pipe = build_tiny_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    cfg1 = tiny_config(tmp_path, tmp_path / "k1", cache_dir=str(tmp_path / "fresh"))  # K = 1, computed afresh
+    bank1 = cl.TeacherBank(cl.read_teachers(cfg1.teachers), pipe, cfg1.cache)
+    for i, pool in enumerate(data.pools):
+        mine = {(p, j): y for (e, p, j), y in data.targets.items() if e == i}
+        assert len(mine) == 6 and all(not torch.equal(a, b) for a, b in itertools.combinations(mine.values(), 2))
+        assert all(torch.equal(mine[p, 0], cl.teacher_target(pipe, bank1, i, p, cfg1, pipe.scheduler)) for p in pool)
+        latents = {p: data.effect_inputs[i, p][0].image_latents for p in pool}
+        assert not torch.equal(*latents.values())  # else the pairing below would prove nothing
+        drawn = []
+        for s in range(6):
+            b = data.batch(cl.Route("effect", i, (s,)), "cpu")
+            (p, j), = [key for key, y in mine.items() if torch.equal(y, b.target)]
+            assert torch.equal(b.student.image_latents, latents[p])
+            drawn.append((p, j))
+        assert sorted(drawn) == sorted(mine)
 
 
 def test_exported_lora_reproduces_the_student_in_a_stock_pipeline(teachers, trained):

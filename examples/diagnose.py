@@ -2,9 +2,10 @@
 critic's x0 (fake score) and the student's own samples are from the teacher's x0 (real score).
 
     python examples/diagnose.py runs/curves/e1_critic_fix        # a run of examples/distil_curve.py (or any --out)
+    python examples/diagnose.py runs/curves/s5_long tint_any 4   # one effect only, 4 batches per checkpoint
 
 One JSON line per checkpoint: gradnorm_{dmd,ts,fm} (L2 norm of d term / d student LoRA, mean over 6 effect batches of
-8), fake_vs_real (MSE between the critic's and the teacher's x0 on noised student samples, t ~ U[0, 1000) shifted) and
+8, cycling through the effects, or of `batches` batches of one named effect), fake_vs_real (MSE between the critic's and the teacher's x0 on noised student samples, t ~ U[0, 1000) shifted) and
 x0_vs_real (MSE between those student samples and the teacher's x0). The README's convergence notes quote them.
 """
 import json
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import collectionlora as cl  # noqa: E402
 
 
-def main(out: Path, batches: int = 6):
+def main(out: Path, only: str = "", batches: int = 6):
     torch.set_num_threads(1)
     meta = json.loads((out / "lora" / "collectionlora.json").read_text())
     cfg = cl.Config(**meta["config"] | {"target_modules": tuple(meta["config"]["target_modules"]), "resume": False})
@@ -38,7 +39,7 @@ def main(out: Path, batches: int = 6):
             set_peft_model_state_dict(tr, state[name], adapter_name=name)
         norms, fake_vs_real, x0_vs_real = {"dmd": [], "ts": [], "fm": []}, [], []
         for r in range(batches):
-            i = r % len(effects)
+            i = [e.name for e in effects].index(only) if only else r % len(effects)
             bank.swap(i)
             b = data.batch(cl.Route("effect", i, tuple(range(min(8, len(data.pools[i]))))), "cpu")
             gen = torch.Generator().manual_seed(100 + r)
@@ -63,4 +64,4 @@ def main(out: Path, batches: int = 6):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3], *map(int, sys.argv[3:4]))

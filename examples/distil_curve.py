@@ -31,6 +31,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="collectionlora --seed: a replicate of the same run")
     p.add_argument("--images", type=int, default=eb.IMAGES, help="source images per effect (effectbench --images): the shipped 32, "
                    "then more of the world's train sources")
+    p.add_argument("--teachers", default="", help="another --quick teachers folder (e.g. more source images or copies of them)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     root, knobs = Path(args.root), json.loads(args.knobs)
@@ -39,7 +40,9 @@ def main(argv=None):
         for n in eb.QUICK_EFFECTS:
             shutil.copytree(eb.TOY / "teachers" / n, teachers / n)
     world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
-    if args.images != eb.IMAGES:
+    if args.teachers:
+        teachers = Path(args.teachers)
+    elif args.images != eb.IMAGES:
         teachers = eb.with_images(world, teachers, root / f"quick_teachers_img{args.images}", args.images)
     steps = knobs.pop("max_steps", 1500)
     k = eb.DISTIL_KNOBS | {"max_steps": steps, "guidance": 2.0, "log_every": 250, "save_every": args.curve_every,
