@@ -30,6 +30,7 @@ def main(argv=None):
     p.add_argument("--teachers", default="runs/curves/quick_teachers", help="the run's teachers folder")
     p.add_argument("--effect", default="tint_any")
     p.add_argument("--rank", type=int, default=eb.DISTIL_KNOBS["rank"])
+    p.add_argument("--seed", type=int, default=0, help="the run's --seed (its student prompts depend on it)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     teachers, seeds = Path(args.teachers), 4
@@ -63,7 +64,7 @@ def main(argv=None):
 
     print(f"teacher ({args.effect}), 8 plain steps")
     trajectory(args.effect, e.instruction)
-    prompt = eb.planned_prompts(teachers, eb.TOY / "base", 0)[args.effect]
+    prompt = eb.planned_prompts(teachers, eb.TOY / "base", args.seed)[args.effect]
     for step in args.steps:
         state = torch.load(Path(args.run) / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["student"]
         set_peft_model_state_dict(pipe.transformer, state, adapter_name="student")

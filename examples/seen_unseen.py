@@ -1,7 +1,7 @@
 """Is a --quick student short of data? Its gap to the teacher on sources it trained on, on sources only the teachers saw, and
 on the held-out ones.
 
-    python examples/seen_unseen.py runs/curves/n240 [--fm runs/effectbench/seed0/quick_t600_toy/fm_teacher_lora_g1]
+    python examples/seen_unseen.py runs/curves/n240 [--fm runs/effectbench/seed0/quick_t600_toy/fm_teacher_lora_g1_k4]
 
 RUN is a distil_curve.py (or effectbench) distillation of the four --quick effects. The same rows as the bench (teacher 40
 steps at CFG 1, teacher 8 plain steps, the student; FM on teacher outputs with --fm), measured like the bench's rows on 16
@@ -31,7 +31,7 @@ def main(argv=None):
                   f"folder (distil_curve.py writes runs/curves/NAME)\n")
     if args.fm and not (Path(args.fm) / "pytorch_lora_weights.safetensors").is_file():
         p.exit(2, f"error: --fm '{args.fm}' has no pytorch_lora_weights.safetensors -- pass an FM LoRA folder "
-                  f"(effectbench --quick writes runs/effectbench/seed0/quick_t600_toy/fm_teacher_lora_g1)\n")
+                  f"(effectbench --quick writes runs/effectbench/seed0/quick_t600_toy/fm_teacher_lora_g1_k4)\n")
     torch.set_num_threads(1)
     world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
     student = Path(args.run) / "lora"
