@@ -102,7 +102,7 @@ class Config:
     student_steps: int = knob(8, "student NFE; the paper's 8-step sampler")
     shift: float = knob(3.0, "static timestep shift of student and training timesteps (official)")
     teacher_steps: int = knob(40, "teacher steps for the cached targets (paper: 40 steps x 2 for CFG)")
-    targets_per_image: int = knob(1, "K teacher targets per (effect, source), each its own noise (paper 1); toy: 4 teach picking a mode")
+    targets_per_image: int = knob(1, "teacher targets per (effect, source), each its own noise (paper 1); 1 made a toy student blend modes")
     guidance: float = knob(5.0, "real-score CFG g (diffusers convention; official 4.0 in cond + g(cond-uncond))")
     # coarse-to-fine objective
     ts_last_k: int = knob(5, "target simulation noises the teacher output to one of the last k student sigmas")
