@@ -8,8 +8,15 @@ effect K source images (effectbench --images). The run goes to
 runs/curves/NAME (teacher targets cached in runs/curves/cache, shared by every run), then the student of every kept
 checkpoint is measured like the bench's rows (16 held-out sources x 4 seeds) and printed as one JSON line:
 [step, PSNR to the nearest valid output, mode coverage, bad-case ratio]. The README's convergence table came from this.
+
+    python examples/distil_curve.py s6_x4_nots '{"warmup": 6000, "max_steps": 7500, ...}' --start s5_x4/6000 [--variant fmonly]
+
+--start RUN/STEP continues another run's checkpoint (copied into the new run) with these knobs; --variant patches one
+change into collectionlora for this process, for experiments that have no knob: fmonly (DMD and TS terms 0: TA-FM
+alone), decay (the student's lr falls linearly to 0 after the warm start), reseed (other noise after the resume).
 """
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -32,6 +39,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=eb.IMAGES, help="source images per effect (effectbench --images): the shipped 32, "
                    "then more of the world's train sources")
     p.add_argument("--teachers", default="", help="another --quick teachers folder (e.g. more source images or copies of them)")
+    p.add_argument("--start", default="", help="RUN/STEP: continue from that run's checkpoint (under --root)")
+    p.add_argument("--variant", choices=("", "fmonly", "decay", "reseed"), default="", help="a patched change (see above)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     root, knobs = Path(args.root), json.loads(args.knobs)
@@ -48,6 +57,11 @@ def main(argv=None):
     k = eb.DISTIL_KNOBS | {"max_steps": steps, "guidance": 2.0, "log_every": 250, "save_every": args.curve_every,
                            "keep_checkpoints": steps // args.curve_every + 1, "cache_dir": str(root / "cache")} | knobs
     out, t0 = root / args.name, time.time()
+    if args.start and not any((out / "checkpoints").glob("step_*.pt")):
+        run, step = args.start.rsplit("/", 1)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / run / "checkpoints" / f"step_{int(step):08d}.pt", out / "checkpoints")
+    patch(args.variant)
     eb.stage_distil(teachers, general, base, out, args.seed, **k)
     seconds = time.time() - t0
     pipe = eb.load_all(base, world.effects, teachers, {"collectionlora": out / "lora"})
@@ -55,6 +69,20 @@ def main(argv=None):
     print(json.dumps({"name": args.name, "knobs": knobs, "distil_seconds": round(seconds),
                       "curve": [(c["step"], round(c["psnr_valid"], 2), round(c["coverage"] or 0, 2), round(c["bad_case"], 3))
                                 for c in curve]}))
+
+
+def patch(variant: str) -> None:
+    """Experiment-only changes without a knob, patched into collectionlora for this process."""
+    cl = eb.cl
+    if variant == "fmonly":
+        cl.dmd_term = lambda transformer, x0_hat, *rest: 0.0 * x0_hat.float().sum()
+    elif variant == "decay":
+        step_of = cl.train_step
+        cl.train_step = lambda s, tr, b, sig, o1, o2, cfg, *rest: step_of(s, tr, b, sig, o1, o2, dataclasses.replace(
+            cfg, lr=cfg.lr * (1 - (s - cfg.warmup) / (cfg.max_steps - cfg.warmup) if s >= cfg.warmup else 1)), *rest)
+    elif variant == "reseed":
+        load = cl.load_checkpoint
+        cl.load_checkpoint = lambda path, tr, o1, o2, gen: (load(path, tr, o1, o2, gen), gen.manual_seed(12345))[0]
 
 
 if __name__ == "__main__":
