@@ -1347,8 +1347,11 @@ TOY = Path(__file__).resolve().parent / "toy"
 # then the paper's lr 1e-4: the full objective at 1e-3 undid 1.4-3.0 dB of the warm start's fidelity. Four teacher targets
 # per source (paper: one): with one, the student learnt which hue each training source had, not to pick one, and blended
 # tint_any's four hues on new sources (59 % of its outputs nearer their mean than to any; with four: 0 %, +4 dB on it).
+# TA-FM weighted 4 (paper: 1): after the warm start the DMD and TS gradients are 2-5x TA-FM's and, on tint_any, pull
+# against it; the full objective lost 0.8 and 1.4 dB of the warm start's fidelity in two draws, with w_fm 4 0.4 and 0.5 (README "Why the full objective costs fidelity").
 DISTIL_KNOBS = {"rank": 64, "alpha": 64, "warmup_lr": 1e-3, "lr": 1e-4, "critic_lr": 1e-4, "beta1": 0.0, "beta2": 0.99,
-                "gen_every": 2, "route_every": 5, "p_switch": 0.8, "batch_size": 8, "teacher_steps": 40, "targets_per_image": 4}
+                "gen_every": 2, "route_every": 5, "p_switch": 0.8, "batch_size": 8, "teacher_steps": 40, "targets_per_image": 4,
+                "w_fm": 4.0}
 # The warm start (--warmup): 1,500 iterations of flow matching on the teacher outputs per effect, ~40 ms each on CPU.
 # Regression gives most of the fidelity at a tenth of the full objective's cost; the full objective at most adds modes.
 WARMUP_PER_EFFECT = 1500
@@ -1505,7 +1508,7 @@ def distil_plan(n_effects: int, args) -> tuple:
     """(warm-start iterations, all iterations, the folder name) of the distillation of n effects."""
     warmup = WARMUP_PER_EFFECT * n_effects if args.warmup_steps is None else args.warmup_steps
     steps = warmup + (args.distil_steps or 1500 * math.ceil(n_effects / 4))
-    k = f"lr{DISTIL_KNOBS['lr']:g}_k{DISTIL_KNOBS['targets_per_image']}"  # a new lr or K: a new run
+    k = f"lr{DISTIL_KNOBS['lr']:g}_k{DISTIL_KNOBS['targets_per_image']}_fm{DISTIL_KNOBS['w_fm']:g}"  # a new lr, K or w_fm: a new run
     return warmup, steps, f"distil_w{warmup}_{steps}_g{args.guidance:g}_{k}"
 
 
@@ -1657,7 +1660,8 @@ def extend(reg: dict, n: int, k: int, args) -> dict:
                 (work / group).mkdir(parents=True, exist_ok=True)
                 (work / group / m).symlink_to((folder / m).resolve(), target_is_directory=True)
     warmup, steps = EXTEND_WARMUP_PER_NEW * k, (EXTEND_WARMUP_PER_NEW + EXTEND_FULL_PER_NEW) * k
-    out = work / f"w{warmup}_{steps}_g{args.guidance:g}_replay{args.replay_p:g}_lr{DISTIL_KNOBS['lr']:g}_k{DISTIL_KNOBS['targets_per_image']}"
+    named = f"lr{DISTIL_KNOBS['lr']:g}_k{DISTIL_KNOBS['targets_per_image']}_fm{DISTIL_KNOBS['w_fm']:g}"  # a new recipe: a new run
+    out = work / f"w{warmup}_{steps}_g{args.guidance:g}_replay{args.replay_p:g}_{named}"
     knobs = DISTIL_KNOBS | {"max_steps": steps, "warmup": warmup, "guidance": args.guidance, "log_every": 250,
                             "save_every": steps, "init": str(students["ext_before"]), "replay_p": args.replay_p,
                             "replay": str(work / "replay") if args.replay_p > 0 else "",
