@@ -1347,7 +1347,7 @@ TOY = Path(__file__).resolve().parent / "toy"
 # then the paper's lr 1e-4: the full objective at 1e-3 undid 1.4-3.0 dB of the warm start's fidelity. Four teacher targets
 # per source (paper: one): with one, the student learnt which hue each training source had, not to pick one, and blended
 # tint_any's four hues on new sources (59 % of its outputs nearer their mean than to any; with four: 0 %, +4 dB on it).
-# TA-FM weighted 4 (paper: 1): after the warm start the DMD and TS gradients are 2-5x TA-FM's and, on tint_any, pull
+# TA-FM weighted 4 (paper: 1): after the warm start the DMD and TS gradients are 1.3-3.8x TA-FM's and, on tint_any, pull
 # against it; the full objective lost 0.8 and 1.4 dB of the warm start's fidelity in two draws, with w_fm 4 0.4 and 0.5
 # (README "Why the full objective costs fidelity").
 DISTIL_KNOBS = {"rank": 64, "alpha": 64, "warmup_lr": 1e-3, "lr": 1e-4, "critic_lr": 1e-4, "beta1": 0.0, "beta2": 0.99,
