@@ -79,7 +79,6 @@ def main(out: Path, only: str = "", batches: int = 24):
                              | {f"cos_fm_{t}": round(float(F.cosine_similarity(mean[t], mean["fm"], 0)), 3) for t in ("dmd", "ts")}
                              | {"fake_vs_real": round(sum(fake_vs_real) / batches, 4), "x0_vs_real": round(sum(x0_vs_real) / batches, 4)}),
                   flush=True)
-            cl.use_adapter(tr, "student")
 
 
 if __name__ == "__main__":
