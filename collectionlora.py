@@ -637,22 +637,20 @@ def max_pairwise_cosine(vectors: torch.Tensor) -> float:
     return ((v @ v.T) - 2 * torch.eye(len(v))).max().item() if len(v) > 1 else 0.0
 
 
-def random_trigger(rng: random.Random, name: str) -> str:
-    """Paper-style unique token string, e.g. <0417_sepia_Kq3951>."""
-    letters = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjkmnpqrstuvwxyz") for _ in range(2))
-    return f"<{rng.randrange(10000):04d}_{name}_{letters}{rng.randrange(10000):04d}>"
-
-
 def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: bool = True, others: list = ()) -> dict:
     """Give each effect without a trigger the candidate that minimises the largest cosine to the prompts chosen so far and to
     `others` (an --init student's). Returns the naive (first) and chosen largest pairwise cosines. aop False: the "w/o AOP" ablation."""
     rng, naive, chosen = random.Random(f"{seed}/triggers"), [], []
+
+    def random_trigger(name: str) -> str:  # paper-style unique token string, e.g. <0417_sepia_Kq3951>
+        letters = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjkmnpqrstuvwxyz") for _ in range(2))
+        return f"<{rng.randrange(10000):04d}_{name}_{letters}{rng.randrange(10000):04d}>"
     empty = prompt_embedding(pipe, "")  # subtracted, so the shared chat template does not dominate the cosine
     known = [prompt_embedding(pipe, p) - empty for p in others]
     for e in effects:
         if not aop:  # an ablation: the effect.json's trigger and student_prompt are ignored too
             e.trigger, e.student_prompt = "", e.instruction
-        pool = [e.trigger] if e.trigger or e.student_prompt else [random_trigger(rng, e.name) for _ in range(candidates)]  # effect.json
+        pool = [e.trigger] if e.trigger or e.student_prompt else [random_trigger(e.name) for _ in range(candidates)]  # effect.json
         embs = [prompt_embedding(pipe, e.student_prompt or f"{t} {e.instruction}") - empty for t in pool]
         worst = [max([max_pairwise_cosine(torch.stack(chosen + [x]))] + [F.cosine_similarity(x, k, 0).item() for k in known]) for x in embs]
         best = min(range(len(pool)), key=worst.__getitem__)  # the first one while nothing is chosen

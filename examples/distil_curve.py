@@ -13,7 +13,10 @@ checkpoint is measured like the bench's rows (16 held-out sources x 4 seeds) and
 
 --start RUN/STEP continues another run's checkpoint (copied into the new run) with these knobs; --variant patches one
 change into collectionlora for this process, for experiments that have no knob: fmonly (DMD and TS terms 0: TA-FM
-alone), decay (the student's lr falls linearly to 0 after the warm start), reseed (other noise after the resume).
+alone), decay (the student's lr falls linearly to 0 after the warm start), reseed (other noise after the resume),
+critic_first (the first 500 steps after the warm start train the critic alone: the fake score learns the student's
+samples before DMD follows it), beta1 (the student's Adam beta1 0.9, the official value, after the resume: its
+updates average the gradients of about 10 student steps instead of following each batch's).
 """
 import argparse
 import dataclasses
@@ -40,7 +43,9 @@ def main(argv=None):
                    "then more of the world's train sources")
     p.add_argument("--teachers", default="", help="another --quick teachers folder (e.g. more source images or copies of them)")
     p.add_argument("--start", default="", help="RUN/STEP: continue from that run's checkpoint (under --root)")
-    p.add_argument("--variant", choices=("", "fmonly", "decay", "reseed"), default="", help="a patched change (see above)")
+    p.add_argument("--effects", default="", help="comma-separated subset of the --quick effects, e.g. the three one-output ones; "
+                   "each keeps its AOP trigger only if every effect sorted before it is kept")
+    p.add_argument("--variant", choices=("", "fmonly", "decay", "reseed", "critic_first", "beta1"), default="", help="a patched change (see above)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     root, knobs = Path(args.root), json.loads(args.knobs)
@@ -48,11 +53,21 @@ def main(argv=None):
     if not teachers.is_dir():
         for n in eb.QUICK_EFFECTS:
             shutil.copytree(eb.TOY / "teachers" / n, teachers / n)
-    world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
+    names = args.effects.split(",") if args.effects else eb.QUICK_EFFECTS
+    if unknown := set(names) - set(eb.QUICK_EFFECTS):
+        p.error(f"--effects: {', '.join(sorted(unknown))} not in the --quick collection ({', '.join(eb.QUICK_EFFECTS)})")
+    world = eb.build_world({n: eb.effect_registry()[n] for n in names}, 0)
     if args.teachers:
         teachers = Path(args.teachers)
     elif args.images != eb.IMAGES:
         teachers = eb.with_images(world, teachers, root / f"quick_teachers_img{args.images}", args.images)
+    if args.effects:  # a folder of links to the kept effects (teacher LoRAs, targets and inputs are cached by content)
+        subset = teachers.parent / f"{teachers.name}_{'-'.join(sorted(names))}"
+        subset.mkdir(exist_ok=True)
+        for n in names:
+            if not (subset / n).exists():
+                (subset / n).symlink_to((teachers / n).resolve())
+        teachers = subset
     steps = knobs.pop("max_steps", 1500)
     k = eb.DISTIL_KNOBS | {"max_steps": steps, "guidance": 2.0, "log_every": 250, "save_every": args.curve_every,
                            "keep_checkpoints": steps // args.curve_every + 1, "cache_dir": str(root / "cache")} | knobs
@@ -71,6 +86,9 @@ def main(argv=None):
                                 for c in curve]}))
 
 
+CRITIC_FIRST = 500
+
+
 def patch(variant: str) -> None:
     """Experiment-only changes without a knob, patched into collectionlora for this process."""
     cl = eb.cl
@@ -80,6 +98,14 @@ def patch(variant: str) -> None:
         step_of = cl.train_step
         cl.train_step = lambda s, tr, b, sig, o1, o2, cfg, *rest: step_of(s, tr, b, sig, o1, o2, dataclasses.replace(
             cfg, lr=cfg.lr * (1 - (s - cfg.warmup) / (cfg.max_steps - cfg.warmup) if s >= cfg.warmup else 1)), *rest)
+    elif variant == "critic_first":  # the first CRITIC_FIRST steps after the warm start update the critic alone
+        step_of = cl.train_step
+        cl.train_step = lambda s, tr, b, sig, o1, o2, cfg, *rest: step_of(s, tr, b, sig, o1, o2, dataclasses.replace(
+            cfg, gen_every=10**9) if cfg.warmup <= s < cfg.warmup + CRITIC_FIRST else cfg, *rest)  # s % 10**9 != 0 there
+    elif variant == "beta1":  # Adam's beta1 0.9 for the student after the resume (a checkpoint restores the saved betas)
+        load = cl.load_checkpoint
+        cl.load_checkpoint = lambda path, tr, o1, o2, gen: (load(path, tr, o1, o2, gen), o1.param_groups[0].update(
+            betas=(0.9, o1.param_groups[0]["betas"][1])))[0]
     elif variant == "reseed":
         load = cl.load_checkpoint
         cl.load_checkpoint = lambda path, tr, o1, o2, gen: (load(path, tr, o1, o2, gen), gen.manual_seed(12345))[0]
