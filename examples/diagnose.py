@@ -145,7 +145,7 @@ def main(out: Path, only: str = "", batches: int = 24):
             if spec:  # a small step along each term's mean gradient alone: does the 8-step samples' error to the truth fall?
                 sets, start, step_test = error_sets(i), [p.detach().clone() for p in params], {}
                 before = sample_error(sets)
-                for term, g in mean.items():  # raw: the mean gradient; adam: per weight, mean / rms over the batches
+                for term, g in mean.items():  # raw: the mean gradient; adam: per weight, mean / rms (total: cross terms left out)
                     rms = (second["dmd"] + cfg.w_ts * cfg.w_ts * second["ts"] + cfg.w_fm ** 2 * second["fm"] if term == "total"
                            else second[term]).div(batches).sqrt() + 1e-12
                     for kind, d in (("raw", g / g.pow(2).mean().sqrt()), ("adam", (g / rms) / (g / rms).pow(2).mean().sqrt())):
