@@ -66,7 +66,6 @@ def main(out: Path, only: str = "", batches: int = 24):
     cl.add_trainable_adapters(tr, cfg)
     params = cl.adapter_params(tr, "student")
     registry = eb.effect_registry()
-    pixels = lambda path: torch.from_numpy(__import__("numpy").array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
 
     held_out = eb.make_sources(256, 16, 0)[1]  # the bench's 16 held-out sources (seed 0), never trained on
 
@@ -80,7 +79,7 @@ def main(out: Path, only: str = "", batches: int = 24):
 
     def nearest_truth(i: int, route, x):
         pool = data.pools[i]
-        return nearest(valid_latents(i, torch.stack([pixels(pool[s % len(pool)]) for s in route.sources])), x)
+        return nearest(valid_latents(i, torch.stack([eb.from_pil(Image.open(pool[s % len(pool)])) for s in route.sources])), x)
 
     def error_sets(i: int) -> list:
         """(inputs, truth function) for 16 of the effect's training sources and for the 16 held-out ones."""

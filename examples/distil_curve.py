@@ -101,7 +101,7 @@ def patch(variant: str) -> None:
     elif variant == "critic_first":  # the first CRITIC_FIRST steps after the warm start update the critic alone
         step_of = cl.train_step
         cl.train_step = lambda s, tr, b, sig, o1, o2, cfg, *rest: step_of(s, tr, b, sig, o1, o2, dataclasses.replace(
-            cfg, gen_every=10**9) if cfg.warmup <= s < cfg.warmup + CRITIC_FIRST else cfg, *rest)  # s % 10**9 != 0 there
+            cfg, gen_every=10**9) if cfg.warmup <= s < cfg.warmup + CRITIC_FIRST else cfg, *rest)  # no student step there (s > 0)
     elif variant == "beta1":  # Adam's beta1 0.9 for the student after the resume (a checkpoint restores the saved betas)
         load = cl.load_checkpoint
         cl.load_checkpoint = lambda path, tr, o1, o2, gen: (load(path, tr, o1, o2, gen), o1.param_groups[0].update(
