@@ -31,13 +31,14 @@ Deviations from the official code (causvid/), each on purpose:
 11. Many GPUs: data parallel over the LoRA gradients, each rank a whole base (official: FSDP over 4+ GPUs, 3 bases).
 """
 import argparse, collections, contextlib, dataclasses, errno, functools, hashlib, importlib, json, os, random, shutil
-import signal, sys, threading, time, warnings
+import signal, sys, threading, time, unittest.mock, warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageDraw
 from safetensors import safe_open
@@ -260,16 +261,11 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
     return pipe
 
 
-@contextlib.contextmanager
 def tiny_image_sizes(condition: int = 64 * 64, vae: int = 64 * 64):
-    """Set the stock pipeline's module-global resize areas (384^2 condition, 1024^2 VAE image; 0 = as is) for a small model, restore."""
+    """A context: the stock pipeline's module-global resize areas (384^2 condition, 1024^2 VAE image; 0 = as is) set, then restored."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
-    old = qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE
-    qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = condition or old[0], vae or old[1]
-    try:
-        yield
-    finally:
-        qwen.CONDITION_IMAGE_SIZE, qwen.VAE_IMAGE_SIZE = old
+    return unittest.mock.patch.multiple(qwen, CONDITION_IMAGE_SIZE=condition or qwen.CONDITION_IMAGE_SIZE,
+                                        VAE_IMAGE_SIZE=vae or qwen.VAE_IMAGE_SIZE)
 
 
 def image_sizes(cfg: Config):
@@ -330,11 +326,15 @@ def sample(pipe, image, prompt: str, steps: int = 8, seed: int = 0, output_type:
 # ---- Adapters on one shared base: student, critic and the teacher slot ----
 
 def use_adapter(transformer, name: str | None):
-    """Route the shared base through one adapter (peft: only its parameters require grad); None = the bare base (general teacher)."""
+    """Route the shared base through one adapter (peft: only its parameters require grad); None = the bare base (general teacher).
+    A switch that changes nothing is skipped: each one walks every LoRA layer (a quarter of a toy step's time went to them)."""
+    layer = next(m for m in transformer.modules() if isinstance(m, BaseTunerLayer))  # every LoRA layer is in this one's state
     if name is None:
-        return transformer.disable_adapters()
-    transformer.enable_adapters()
-    transformer.set_adapter(name)
+        return None if layer.disable_adapters else transformer.disable_adapters()
+    if layer.disable_adapters:
+        transformer.enable_adapters()
+    if layer.active_adapters != [name]:
+        transformer.set_adapter(name)
 
 
 def adapter_params(transformer, name: str) -> list:
@@ -680,12 +680,9 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
         return torch.load(path, weights_only=True)
     bank.swap(index)
     use_adapter(pipe.transformer, "teacher")
-    student_sched, pipe.scheduler = pipe.scheduler, teacher_scheduler
-    try:
+    with unittest.mock.patch.object(pipe, "scheduler", teacher_scheduler):  # set for this call, then the student's again
         # important! each (source, instruction, j) its own noise: with one seed for all, most targets of a multi-modal effect were one mode
         y = sample(pipe, image, e.instruction, cfg.teacher_steps, seed, "latent", cfg.guidance).float().cpu()  # (1, L, 4C)
-    finally:
-        pipe.scheduler = student_sched
     atomic_save(y, path)
     return y
 
@@ -1000,23 +997,20 @@ def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | No
 
 def write_preview(pipe, cfg: Config, data: EditData, name: str = "preview.png", rows: int = 16, gap: int = 2) -> Path:
     """<out>/<name>: a named row per effect (first `rows`) on its first source, enlarged: source | teacher (cached) | student (seed)."""
-    home = pipe.text_encoder.device
+    home, rows, cells = pipe.text_encoder.device, data.effects[:rows], []  # cells: source | teacher | student per row, enlarged
     use_adapter(pipe.to(pipe.transformer.device).transformer, "student")
-    cells = []  # per row: source | teacher | student, at the pipeline's output size
-    for i, e in enumerate(data.effects[:rows]):
+    for i, e in enumerate(rows):
         image = Image.open(path := data.pools[i][0]).convert("RGB")
         _, (w, h) = _qwen_sizes(image)
-        student = sample(pipe, image, e.student_prompt, cfg.student_steps, cfg.seed, output_type="latent")
-        cells.append([pipe.image_processor.resize(image, h, w), decode(pipe, data.targets[i, path, 0], w, h), decode(pipe, student, w, h)])
-    scale = max(1, 96 // max(r[0].height for r in cells))
-    cells = [[c.resize((c.width * scale, c.height * scale), Image.NEAREST) for c in row] for row in cells]
-    left, top = 6 * max(len(e.name) for e in data.effects[:rows]) + 6, 14  # room for the names and titles
-    grid = Image.new("RGB", (left + max(3 * r[0].width + 2 * gap for r in cells), top + sum(r[0].height + gap for r in cells)
-                             - gap), "white")
+        student, scale = sample(pipe, image, e.student_prompt, cfg.student_steps, cfg.seed, output_type="latent"), max(1, 96 // h)
+        cells.append([c.resize((w * scale, h * scale), Image.NEAREST) for c in (
+            pipe.image_processor.resize(image, h, w), decode(pipe, data.targets[i, path, 0], w, h), decode(pipe, student, w, h))])
+    left, top = 6 * max(len(e.name) for e in rows) + 6, 14  # room for the names and the titles
+    grid = Image.new("RGB", (left + max(3 * r[0].width + 2 * gap for r in cells), top + sum(r[0].height + gap for r in cells) - gap), "white")
     draw, y = ImageDraw.Draw(grid), top
     for j, title in enumerate(("source", "teacher", "student")):
         draw.text((left + j * (cells[0][0].width + gap), 1), title, fill="black")
-    for e, row in zip(data.effects, cells):
+    for e, row in zip(rows, cells):
         draw.text((2, y + row[0].height // 2 - 5), e.name, fill="black")
         for j, cell in enumerate(row):
             grid.paste(cell, (left + j * (cell.width + gap), y))

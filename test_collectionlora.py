@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -161,6 +162,36 @@ def test_disabled_teacher_is_exactly_the_base(tmp_path):
     bank.swap(0)
     cl.use_adapter(pipe.transformer, None)
     assert torch.equal(transformer_out(pipe.transformer), transformer_out(build_tiny_pipeline(0).transformer))
+
+
+def test_use_adapter_skips_only_switches_that_change_nothing(teachers, tmp_path):
+    """An oracle: after every switch of a random sequence, the base computes what it computes after diffusers' own full calls
+    (enable_adapters + set_adapter, or disable_adapters), with the same requires_grad on every LoRA weight."""
+    cfg = tiny_config(teachers, tmp_path)
+    pipes = [build_tiny_pipeline(0), build_tiny_pipeline(0)]
+    for pipe in pipes:
+        bank, _, _ = cl.prepare(pipe, cfg, cl.read_teachers(cfg.teachers), [])
+        bank.swap(1)
+        cl.add_trainable_adapters(pipe.transformer, cfg)
+        with torch.no_grad():
+            for n, p in pipe.transformer.named_parameters():
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n))) if "lora_B" in n else None
+    ours, stock = (p.transformer for p in pipes)
+    rng = random.Random(0)
+    for name in [rng.choice(["student", "critic", "teacher", None]) for _ in range(40)]:  # repeats included
+        cl.use_adapter(ours, name)
+        stock.disable_adapters() if name is None else (stock.enable_adapters(), stock.set_adapter(name))
+        assert torch.equal(transformer_out(ours), transformer_out(stock)), name
+        assert [p.requires_grad for p in ours.parameters()] == [p.requires_grad for p in stock.parameters()], name
+    assert outputs_differ(ours)  # the four routes are four different functions: the comparison above could fail
+
+
+def outputs_differ(transformer) -> bool:
+    outs = []
+    for name in ("student", "critic", "teacher", None):
+        cl.use_adapter(transformer, name)
+        outs.append(transformer_out(transformer))
+    return all(not torch.equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1:])
 
 
 def test_gradients_reach_only_the_adapter_being_trained(teachers, tmp_path):
