@@ -27,7 +27,7 @@ Deviations from the official code (causvid/), each on purpose:
  7. Step limit, atomic checkpoints and exact resume; the official loop has neither.
  8. Triggers minimise the largest pairwise cosine of the student prompts' embeddings (paper: random, never measured).
  9. TA-FM: t ~ U[t_dmd, 1000), t_dmd unshifted, then shifted (official: shifted bound, shifted again); coarse: sigma <= 0.5 in 3.4 %/1.3 %.
-10. --warmup N (0 = paper): N cheap flow-matching steps on the teacher outputs, lr falling linearly to 0, then critic = student (README).
+10. --warmup N (0 = paper): N cheap FM steps on the teachers' outputs (general stream: the base's), lr falling to 0, then critic = student.
 11. Many GPUs: data parallel over the LoRA gradients, each rank a whole base (official: FSDP over 4+ GPUs, 3 bases).
 """
 import argparse, collections, contextlib, dataclasses, errno, functools, hashlib, importlib, json, os, random, shutil
@@ -669,20 +669,23 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: b
 
 # ---- Data: every (prompt, image) encoded once, every teacher target ("base_pred") computed once ----
 
-def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler, j: int = 0):
-    """Teacher output j (latents) for (effect, source image): the stock pipeline with its LoRA, the base's scheduler, CFG g; cached."""
-    e, image = bank.effects[index], Image.open(image_path).convert("RGB")
+def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler, j: int = 0, general: str = ""):
+    """Teacher output j (latents) for (effect, source image), or (index -1) the bare base's for a general edit (its instruction
+    `general`): the stock pipeline with the teacher's LoRA, the base's scheduler, CFG g; cached."""
+    e, image = bank.effects[index] if index >= 0 else None, Image.open(image_path).convert("RGB")
     _, (vw, vh) = _qwen_sizes(image)
-    seed = cfg.seed + int(hashlib.sha256((file_hash(image_path) + e.instruction + (f"/{j}" if j else "")).encode()).hexdigest()[:15], 16)
-    inputs = [cfg.base, bank.hashes[index], seed, vw, vh, e.weight, cfg.teacher_steps, cfg.guidance]  # all the target depends on
-    path = cfg.cache / "targets" / f"{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:24]}.pt"
+    text = e.instruction if e else general
+    seed = cfg.seed + int(hashlib.sha256((file_hash(image_path) + text + (f"/{j}" if j else "")).encode()).hexdigest()[:15], 16)
+    inputs = [cfg.base, bank.hashes[index] if e else "base", seed, vw, vh, e.weight if e else 1.0, cfg.teacher_steps, cfg.guidance]
+    path = cfg.cache / "targets" / f"{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:24]}.pt"  # all it depends on
     if path.exists():
         return torch.load(path, weights_only=True)
-    bank.swap(index)
-    use_adapter(pipe.transformer, "teacher")
+    if e:
+        bank.swap(index)
+    use_adapter(pipe.transformer, "teacher" if e else None)
     with unittest.mock.patch.object(pipe, "scheduler", teacher_scheduler):  # set for this call, then the student's again
         # important! each (source, instruction, j) its own noise: with one seed for all, most targets of a multi-modal effect were one mode
-        y = sample(pipe, image, e.instruction, cfg.teacher_steps, seed, "latent", cfg.guidance).float().cpu()  # (1, L, 4C)
+        y = sample(pipe, image, text, cfg.teacher_steps, seed, "latent", cfg.guidance).float().cpu()  # (1, L, 4C)
     atomic_save(y, path)
     return y
 
@@ -706,7 +709,7 @@ class Batch:
     teacher: EditInputs             # AOP: the teacher's own instruction
     negative: EditInputs            # empty prompt: the unconditional branch of CFG
     teacher_adapter: str | None     # "teacher" on the effect stream, None (bare base) on the general stream
-    target: torch.Tensor | None     # (1, L, 4C) teacher output y on the effect stream, else None
+    target: torch.Tensor | None     # (B, L, 4C) teacher output y; on the general stream (the base's) only for the warm start
 
 
 class EditData:
@@ -724,6 +727,9 @@ class EditData:
             self.effect_inputs[i, p] = (enc(effects[i].student_prompt, p), enc(effects[i].instruction, p), enc("", p))
             self.targets[i, p, j] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler, j)
         self.general_inputs = [(enc(instruction, image), enc("", image)) for image, instruction in general]
+        # the warm start's flow matching on the general stream learns the base's own edits (else it unlearns them: README)
+        self.general_targets = [teacher_target(pipe, bank, -1, image, cfg, teacher_scheduler, general=instruction)
+                                for image, instruction in tqdm(general, desc="general targets", disable=rank > 0)] if cfg.warmup else []
 
     def batch(self, r: Route, device) -> Batch:
         if r.stream == "effect":
@@ -732,7 +738,8 @@ class EditData:
             student, teacher, negative = (stack([self.effect_inputs[r.effect, p][k] for p, _ in picks], device) for k in range(3))
             return Batch(student, teacher, negative, "teacher", torch.cat([self.targets[r.effect, p, j] for p, j in picks]).to(device))
         prompt, negative = (stack([self.general_inputs[i][j] for i in r.sources], device) for j in range(2))
-        return Batch(prompt, prompt, negative, None, None)  # general stream: everyone sees the instruction
+        target = torch.cat([self.general_targets[i] for i in r.sources]).to(device) if self.general_targets else None
+        return Batch(prompt, prompt, negative, None, target)  # general stream: everyone sees the instruction
 
 
 def stack(inputs: list, device) -> EditInputs:
@@ -813,7 +820,7 @@ def student_loss(transformer, b: Batch, sigmas, cfg: Config, gen) -> dict:
     x0_hat = on_policy_x0(transformer, b.student, sigmas, gen)  # DMD on backward simulation
     t_dmd, sigma = draw_sigma(gen, 0.0, cfg.shift)
     losses = {"dmd": dmd_term(transformer, x0_hat, b, sigma, cfg, gen)}
-    if b.target is not None:
+    if b.teacher_adapter:  # the effect stream (the paper: the general stream has the DMD term alone)
         y = b.target  # the teacher's own output for this source (paper: base_pred)
         # target simulation (fine): the student denoises y noised to one of its last k sigmas
         j = int(torch.randint(len(sigmas) - cfg.ts_last_k, len(sigmas), (), generator=gen, device=gen.device))
@@ -855,8 +862,6 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
     opt_student.param_groups[0]["lr"] = (cfg.warmup_lr or cfg.lr) * (1 - step / cfg.warmup) if warm else cfg.lr  # deviation 10
     if step == cfg.warmup > 0:  # the warm start ends: the fake score starts as the student's own model
         copy_adapter(transformer, "student", "critic")
-    if warm and b.target is None:  # no teacher output on the general stream: nothing to learn from
-        return {"skipped": skipped}
     if warm or step % cfg.gen_every == 0:
         with autocast:
             losses = ({"fm": flow_matching_term(transformer, "student", b.target, b.student, 0.0, cfg, gen)} if warm

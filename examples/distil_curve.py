@@ -7,7 +7,9 @@ run (LoRA init, router, noise, teacher targets) while the held-out sources stay 
 effect K source images (effectbench --images). The run goes to
 runs/curves/NAME (teacher targets cached in runs/curves/cache, shared by every run), then the student of every kept
 checkpoint is measured like the bench's rows (16 held-out sources x 4 seeds) and printed as one JSON line:
-[step, PSNR to the nearest valid output, mode coverage, bad-case ratio]. The README's convergence table came from this.
+[step, PSNR to the nearest valid output, mode coverage, bad-case ratio], then the final student's general edits
+(effectbench.evaluate_general: [PSNR, bad-case ratio] beside the base's). The README's convergence table came from this.
+--general_images N gives the general stream N pictures (the shipped 16, then more train sources, instructions cycled).
 
     python examples/distil_curve.py s6_x4_nots '{"warmup": 6000, "max_steps": 7500, ...}' --start s5_x4/6000 [--variant fmonly]
 
@@ -42,6 +44,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=eb.IMAGES, help="source images per effect (effectbench --images): the shipped 32, "
                    "then more of the world's train sources")
     p.add_argument("--teachers", default="", help="another --quick teachers folder (e.g. more source images or copies of them)")
+    p.add_argument("--general_images", type=int, default=eb.GENERAL, help="pictures of the general stream (the shipped 16, then "
+                   "train sources past --images' and the teachers')")
     p.add_argument("--start", default="", help="RUN/STEP: continue from that run's checkpoint (under --root)")
     p.add_argument("--effects", default="", help="comma-separated subset of the --quick effects, e.g. the three one-output ones; "
                    "each keeps its AOP trigger only if every effect sorted before it is kept")
@@ -68,6 +72,12 @@ def main(argv=None):
             if not (subset / n).exists():
                 (subset / n).symlink_to((teachers / n).resolve())
         teachers = subset
+    if args.general_images != eb.GENERAL:  # the shipped folder's rule (stage_teachers), continued from the far end of train
+        general = root / f"general_{args.general_images}"
+        general.mkdir(exist_ok=True)
+        for j in range(args.general_images):
+            (general / f"{j}.txt").write_text(list(eb.GENERAL_EDITS)[j % len(eb.GENERAL_EDITS)])
+            eb.to_pil(world.train[eb.IMAGES + j if j < eb.GENERAL else -1 - j]).save(general / f"{j}.png")
     steps = knobs.pop("max_steps", 1500)
     k = eb.DISTIL_KNOBS | {"max_steps": steps, "guidance": 2.0, "log_every": 250, "save_every": args.curve_every,
                            "keep_checkpoints": steps // args.curve_every + 1, "cache_dir": str(root / "cache")} | knobs
@@ -80,10 +90,12 @@ def main(argv=None):
     eb.stage_distil(teachers, general, base, out, args.seed, **k)
     seconds = time.time() - t0
     pipe = eb.load_all(base, world.effects, teachers, {"collectionlora": out / "lora"})
+    general_edits = eb.evaluate_general(world, pipe, {"student": ["collectionlora"]}, 4, k["guidance"])["summary"]
     curve = eb.checkpoint_curve(world, world.effects, pipe, out, "collectionlora", seeds=4)
     print(json.dumps({"name": args.name, "knobs": knobs, "distil_seconds": round(seconds),
                       "curve": [(c["step"], round(c["psnr_valid"], 2), round(c["coverage"] or 0, 2), round(c["bad_case"], 3))
-                                for c in curve]}))
+                                for c in curve],
+                      "general_edits": {m: (round(r["psnr_valid"], 2), round(r["bad_case"], 3)) for m, r in general_edits.items()}}))
 
 
 CRITIC_FIRST = 500
