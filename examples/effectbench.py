@@ -60,7 +60,9 @@ svd, ties_svd; each also + Lightning), "fm" (one LoRA trained by plain flow matc
 effect's GROUND-TRUTH pairs with the student prompts: data the distiller never sees; also + Lightning),
 "fm_teacher" (the paper's FM baseline: the same on the teachers' OUTPUTS for the distiller's sources; also + Lightning),
 CollectionLoRA, and its four ablations (no PDSR: p_switch 1; no AOP: --no-aop; no TS: w_ts 0; no
-TA-FM: w_fm 0 and no warm start). A convergence curve: the student at every kept checkpoint.
+TA-FM: w_fm 0 and no warm start). General edits (what PDSR is for): the 8 general instructions as written,
+scored the same way, by the base at 40 and 8 steps, Lightning, CollectionLoRA and its ablations (an ablation
+that loses them is worse too). A convergence curve: the student at every kept checkpoint.
 Zero-shot composition: pairs (A, B) prompted "Please apply {A} to the input image, and then apply
 {B}." against B(A(source)). The issue's bars are checked and printed.
 
