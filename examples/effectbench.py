@@ -1377,8 +1377,8 @@ DISTIL_KNOBS = {"rank": 64, "alpha": 64, "warmup_lr": 1e-3, "lr": 1e-4, "critic_
                 "gen_every": 2, "route_every": 5, "p_switch": 0.8, "batch_size": 8, "teacher_steps": 40, "targets_per_image": 4,
                 "w_fm": 4.0}
 # The warm start (--warmup): 3,000 iterations of flow matching on the teacher outputs per effect, ~40 ms each on CPU.
-# Regression gives most of the fidelity at a tenth of the full objective's cost. 1,500 per effect (the bench until after
-# c572184) ended 0.8 dB lower at N = 4 in two pairs of runs; 3,000 reach FM on teacher outputs (README, "The general
+# Regression gives most of the fidelity at a tenth of the full objective's cost. 1,500 per effect (the bench before
+# 8eec73a) ended 0.8 dB lower at N = 4 in two pairs of runs; 3,000 reach FM on teacher outputs (README, "The general
 # stream in the warm start").
 WARMUP_PER_EFFECT = 3000
 # --extend K: per new effect, warm-start and full-objective iterations (a fresh run: 1,500 and 375 per effect, for all)
@@ -1534,7 +1534,7 @@ def distil_plan(n_effects: int, args) -> tuple:
     """(warm-start iterations, all iterations, the folder name) of the distillation of n effects."""
     warmup = WARMUP_PER_EFFECT * n_effects if args.warmup_steps is None else args.warmup_steps
     steps = warmup + (args.distil_steps or 1500 * math.ceil(n_effects / 4))
-    # a new lr, K or w_fm: a new run; "gw": the warm start learns the general stream too (collectionlora since it does)
+    # a new lr, K or w_fm: a new run; "gw": the warm start learns the general stream too (collectionlora since c572184)
     k = f"lr{DISTIL_KNOBS['lr']:g}_k{DISTIL_KNOBS['targets_per_image']}_fm{DISTIL_KNOBS['w_fm']:g}_gw"
     return warmup, steps, f"distil_w{warmup}_{steps}_g{args.guidance:g}_{k}"
 
