@@ -808,8 +808,9 @@ def test_the_normalised_teachers_cache_is_found_again_by_another_process(teacher
             "pipe = build_tiny_pipeline(0); "
             f"bank = cl.TeacherBank(cl.read_teachers({str(teachers / 'teachers')!r}), pipe, Path({str(tmp_path)!r})); "
             "print(sorted(f.name for f in bank.files))")
-    names = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2", "3")]  # side by side
+    names = {proc.communicate(timeout=300)[0] for proc in procs}
     assert len(names) == 1 and len(list((tmp_path / "loras").iterdir())) == 3, names
 
 
@@ -853,11 +854,11 @@ def run_cli(*args, cwd=ROOT, env=None):
                           cwd=cwd, timeout=600, env={**os.environ, **(env or {})})
 
 
-def test_cli_help_lists_every_config_knob():
-    r = run_cli("--help")
-    assert r.returncode == 0
-    for f in cl.dataclasses.fields(cl.Config):
-        assert f"--{f.name}" in r.stdout
+def test_cli_help_lists_every_config_knob(capsys):  # in this process: the real-process tests below run the entry point
+    with pytest.raises(SystemExit) as e:
+        cl.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(f"--{f.name}" in out for f in cl.dataclasses.fields(cl.Config))
 
 
 def in_effect(how, effect="ink_sketch"):
@@ -989,16 +990,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
     assert snapshot(tmp_path) == before  # nothing written, nothing removed
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--teachers", "does/not/exist"], {}, "--teachers 'does/not/exist' is not a folder"),
-    (["--teachers", "examples/tiny_teachers", "--max_steps", "ten"], {}, "invalid int value: 'ten'"),
-    (["--teachers", "examples/tiny_teachers", "--base", "Qwen/Not-A-Model"], {"HF_HUB_OFFLINE": "1"},
-     "--base 'Qwen/Not-A-Model' could not be loaded"),
-])
-def test_cli_bad_input_in_a_real_process(args, env, message, tmp_path):
-    r = run_cli(*([] if "--base" in args else ["--base", "tiny"]), *args, "--out", str(tmp_path / "out"), env=env)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not (tmp_path / "out").exists()
+def test_cli_bad_input_in_a_real_process(tmp_path):
+    cases = [(["--teachers", "does/not/exist"], {}, "--teachers 'does/not/exist' is not a folder"),
+             (["--teachers", "examples/tiny_teachers", "--max_steps", "ten"], {}, "invalid int value: 'ten'"),
+             (["--teachers", "examples/tiny_teachers", "--base", "Qwen/Not-A-Model"], {"HF_HUB_OFFLINE": "1"},
+              "--base 'Qwen/Not-A-Model' could not be loaded")]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "collectionlora.py"), *([] if "--base" in args else ["--base", "tiny"]),
+                               *args, "--out", str(tmp_path / f"out{i}")], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**os.environ, **env})
+             for i, (args, env, _) in enumerate(cases)]  # side by side: most of each one's time is importing torch
+    for i, (proc, (_, _, message)) in enumerate(zip(procs, cases)):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / f"out{i}").exists()
 
 
 def start_run(root: Path, out: Path, *extra):
@@ -1019,21 +1023,24 @@ def wait_for_step(proc, step: int):
     pytest.fail(f"the run ended before step {step}: {proc.stderr.read()}")
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(sig, code, teachers, tmp_path):
-    proc = start_run(teachers, tmp_path / "out", "--max_steps", "10000", "--save_every", "10000")
-    wait_for_step(proc, 3)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == code, err
-    last = err.strip().splitlines()[-1]
-    assert f"{sig.name}: stopped after step" in last and "--resume" in last
-    step = int(last.split("after step ")[1].split(",")[0])
-    assert step >= 3 and (tmp_path / "out" / "checkpoints" / f"step_{step:08d}.pt").is_file()
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(teachers, tmp_path):
+    signals = {signal.SIGINT: 130, signal.SIGTERM: 143}  # one run each, side by side
+    procs = {sig: start_run(teachers, tmp_path / sig.name, "--max_steps", "10000", "--save_every", "10000") for sig in signals}
+    for sig, proc in procs.items():
+        wait_for_step(proc, 3)
+        proc.send_signal(sig)
+    for sig, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == signals[sig], err
+        last = err.strip().splitlines()[-1]
+        assert f"{sig.name}: stopped after step" in last and "--resume" in last
+        step = int(last.split("after step ")[1].split(",")[0])
+        assert step >= 3 and (tmp_path / sig.name / "checkpoints" / f"step_{step:08d}.pt").is_file()
     assert not list((teachers / "cwd").iterdir())  # nothing written outside --out
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(teachers, tmp_path):
+    straight = start_run(teachers, tmp_path / "straight", "--max_steps", "40", "--save_every", "5")  # the same, never killed
     proc = start_run(teachers, tmp_path / "out", "--max_steps", "40", "--save_every", "5")
     wait_for_step(proc, 12)
     proc.kill()  # SIGKILL: no handler runs
@@ -1045,8 +1052,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(teachers, tmp_path):
     assert proc.returncode == 0, err
     assert f"wrote {tmp_path / 'out' / 'preview.png'} -- one row per effect (first 16): source | teacher output | " \
            "student 8-step output" in stdout
-    resumed = lora_tensors(tmp_path / "out" / "lora")
-    straight = lora_tensors(cl.train(tiny_config(teachers, tmp_path / "straight", max_steps=40)))
+    assert straight.communicate(timeout=600)[0] and straight.returncode == 0
+    resumed, straight = lora_tensors(tmp_path / "out" / "lora"), lora_tensors(tmp_path / "straight" / "lora")
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert not list((teachers / "cwd").iterdir())
 
@@ -1165,7 +1172,7 @@ def test_gradients_are_averaged_over_ranks_and_a_non_finite_rank_skips_the_updat
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         monkeypatch.setenv("TEST_PORT", str(sock.getsockname()[1]))
-    torch.multiprocessing.spawn(_average_on_two_ranks, args=(str(tmp_path),), nprocs=2)
+    torch.multiprocessing.start_processes(_average_on_two_ranks, args=(str(tmp_path),), nprocs=2, start_method="fork")  # no re-import
     for rank in (0, 1):
         ok, a, b, unused, (skip, nan) = torch.load(tmp_path / f"{rank}.pt")
         assert ok and a == [1.5] * 3 and b == [1.0, 0, 0] and unused == [0.0] * 3

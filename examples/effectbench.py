@@ -1552,7 +1552,8 @@ def run(spec: dict, args) -> dict:
     warmup, distil_steps, distil_name = distil_plan(len(names), args)
     every = args.curve_every or max(distil_steps // 6, 1)  # a checkpoint per point of the convergence curve
     knobs = DISTIL_KNOBS | {"max_steps": distil_steps, "warmup": warmup, "guidance": args.guidance, "log_every": 250,
-                            "save_every": every, "keep_checkpoints": distil_steps // every + 1}
+                            "save_every": every, "keep_checkpoints": distil_steps // every + 1,
+                            "cache_dir": str(root / tag / "cache")}  # one cache for all students: each target computed once
     chosen = args.ablations  # None = the default; True / False from benchmark(); [] = all four; or some names
     if args.no_ablations or chosen is False or (chosen is None and args.quick):
         ablations = []
