@@ -1052,7 +1052,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(teachers, tmp_path):
     assert proc.returncode == 0, err
     assert f"wrote {tmp_path / 'out' / 'preview.png'} -- one row per effect (first 16): source | teacher output | " \
            "student 8-step output" in stdout
-    assert straight.communicate(timeout=600)[0] and straight.returncode == 0
+    _, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err
     resumed, straight = lora_tensors(tmp_path / "out" / "lora"), lora_tensors(tmp_path / "straight" / "lora")
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert not list((teachers / "cwd").iterdir())
