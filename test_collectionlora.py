@@ -849,9 +849,11 @@ def test_non_finite_losses_are_skipped_then_stop_with_a_checkpoint(teachers, tmp
 
 # ---- CLI, bad input and faults ----
 
-def run_cli(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "collectionlora.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**os.environ, **(env or {})})
+def cli(*args, env=None):
+    """The CLI in a real process, started and not waited for: most of its time is importing torch, so tests start
+    several side by side. Read it with .communicate()."""
+    return subprocess.Popen([sys.executable, str(ROOT / "collectionlora.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
 def test_cli_help_lists_every_config_knob(capsys):  # in this process: the real-process tests below run the entry point
@@ -995,10 +997,8 @@ def test_cli_bad_input_in_a_real_process(tmp_path):
              (["--teachers", "examples/tiny_teachers", "--max_steps", "ten"], {}, "invalid int value: 'ten'"),
              (["--teachers", "examples/tiny_teachers", "--base", "Qwen/Not-A-Model"], {"HF_HUB_OFFLINE": "1"},
               "--base 'Qwen/Not-A-Model' could not be loaded")]
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "collectionlora.py"), *([] if "--base" in args else ["--base", "tiny"]),
-                               *args, "--out", str(tmp_path / f"out{i}")], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env={**os.environ, **env})
-             for i, (args, env, _) in enumerate(cases)]  # side by side: most of each one's time is importing torch
+    procs = [cli(*([] if "--base" in args else ["--base", "tiny"]), *args, "--out", str(tmp_path / f"out{i}"), env=env)
+             for i, (args, env, _) in enumerate(cases)]  # side by side
     for i, (proc, (_, _, message)) in enumerate(zip(procs, cases)):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -1209,10 +1209,11 @@ def test_torchrun_two_ranks_train_one_student_write_once_and_refuse_bad_input_on
     stock = build_tiny_pipeline(0)
     load_student(stock, tmp_path / "out" / "lora")  # the export reloads
     # a checkpoint of 2 ranks is refused by 1 process, and bad input is reported once, with exit 2 on every rank
-    r = run_cli("--base", "tiny", "--teachers", str(ROOT / "examples" / "tiny_teachers"), "--general",
-                str(ROOT / "examples" / "tiny_general"), "--out", str(tmp_path / "out"), "--rank", "4", "--alpha", "4",
-                "--teacher_steps", "4", "--cache_dir", str(tmp_path / "cache"), "--resume", "--max_steps", "20")
-    assert r.returncode == 2 and "was written by 2 processes, this run has 1" in r.stderr, r.stderr
+    single = cli("--base", "tiny", "--teachers", str(ROOT / "examples" / "tiny_teachers"), "--general",
+                 str(ROOT / "examples" / "tiny_general"), "--out", str(tmp_path / "out"), "--rank", "4", "--alpha", "4",
+                 "--teacher_steps", "4", "--cache_dir", str(tmp_path / "cache"), "--resume", "--max_steps", "20")
+    _, err = single.communicate(timeout=600)
+    assert single.returncode == 2 and "was written by 2 processes, this run has 1" in err, err
     proc = torchrun(tmp_path, tmp_path / "bad", "--max_steps", "-1")
     _, err = proc.communicate(timeout=600)
     assert proc.returncode != 0 and err.count("error: --max_steps -1 is invalid") == 1 and "exitcode: 2" in err, err
