@@ -14,7 +14,7 @@ N effect LoRAs (each a 40-step CFG "teacher" for one image-editing effect) becom
 Run (python collectionlora.py --help: every knob; README: the folders, the memory plan, using the result in diffusers/ComfyUI):
     python collectionlora.py --base tiny --teachers examples/tiny_teachers ...               # CPU demo: README
     python collectionlora.py --teachers my_effects/ --general my_edits/ --out runs/mine     # GPU, Qwen-Image-Edit-2509
-    torchrun --nproc_per_node=8 collectionlora.py --teachers my_effects/ ...                 # 8 GPUs, data parallel
+    torchrun --nproc_per_node=8 collectionlora.py --teachers my_effects/ ... [--fsdp]        # 8 GPUs, data parallel [sharded]
     python collectionlora.py --init runs/mine/lora --teachers new/ --replay my_effects/ ...  # add effects to it
 
 Deviations from the official code (causvid/), each on purpose:
@@ -28,7 +28,7 @@ Deviations from the official code (causvid/), each on purpose:
  8. Triggers minimise the largest pairwise cosine of the student prompts' embeddings (paper: random, never measured).
  9. TA-FM: t ~ U[t_dmd, 1000), t_dmd unshifted, then shifted (official: shifted bound, shifted again); coarse: sigma <= 0.5 in 3.4 %/1.3 %.
 10. --warmup N (0 = paper): N cheap FM steps on the teachers' outputs (general stream: the base's), lr falling to 0, then critic = student.
-11. Many GPUs: data parallel over the LoRA gradients, each rank a whole base (official: FSDP over 4+ GPUs, 3 bases).
+11. Many GPUs: data parallel, each rank a whole base; --fsdp: one base sharded (official: FSDP over 4+ GPUs, 3 bases).
 """
 import argparse, collections, contextlib, dataclasses, errno, functools, hashlib, importlib, json, os, random, shutil
 import signal, sys, threading, time, unittest.mock, warnings
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -124,6 +125,7 @@ class Config:
     dtype: str = knob("auto", "base weights and autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 or fp32 (the LoRAs stay fp32)")
     preview_every: int = knob(0, "also write preview_<step>.png every N steps while training; 0 = only the final preview.png")
     gradient_checkpointing: bool = knob(True, "recompute activations on CUDA to fit rank-128 training on one GPU")
+    fsdp: bool = knob(False, "torchrun: shard the base, student, critic and their Adam states over the ranks (FSDP2), for 80 GB GPUs")
 
     @property
     def cache(self) -> Path:
@@ -776,7 +778,7 @@ def backward_simulation(transformer, c: EditInputs, sigmas: torch.Tensor, k: int
 
 def on_policy_x0(transformer, c: EditInputs, sigmas: torch.Tensor, gen: torch.Generator):
     """What DMD is applied to AND the critic learns (official `_run_generator`): backward-simulate to a uniform step k, one x0 step."""
-    k = int(torch.randint(len(sigmas), (), generator=gen, device=gen.device))
+    k = gather(int(torch.randint(len(sigmas), (), generator=gen, device=gen.device)))[0]  # torchrun: rank 0's k (--fsdp needs it)
     use_adapter(transformer, "student")
     x_k = backward_simulation(transformer, c, sigmas, k, gen)
     return x0_from_v(x_k, predict_v(transformer, x_k, sigmas[k], c), sigmas[k])  # (B, L, 4C) x0_hat, with grad unless no_grad
@@ -847,8 +849,8 @@ def apply_update(loss, optimiser, clip: float) -> bool:
     """backward, average over ranks, clip, step; a NaN/inf loss or gradient on any rank changes nothing (it would poison Adam): False."""
     params = optimiser.param_groups[0]["params"]
     optimiser.zero_grad(set_to_none=True)
-    if finite := bool(torch.isfinite(loss)):
-        loss.backward()
+    finite = bool(torch.isfinite(loss))
+    loss.backward()  # even when not finite (then skipped below): under --fsdp a backward is a collective
     if not (average_gradients(params, finite) and torch.isfinite(torch.nn.utils.clip_grad_norm_(params, clip))):
         optimiser.zero_grad(set_to_none=True)
         return False
@@ -879,7 +881,7 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
     return logs | {"skipped": skipped}
 
 
-# ---- Many processes (torchrun): data parallel over the LoRA gradients ----
+# ---- Many processes (torchrun): data parallel over the LoRA gradients, or --fsdp: sharded ----
 # Every rank holds the whole base and all adapters (README "Memory plan"), shares the period's stream and draws its own data.
 
 def rank_and_world() -> tuple:
@@ -896,13 +898,28 @@ def gather(obj) -> list:
 
 def average_gradients(params: list, finite: bool) -> bool:
     """DDP without its wrapper (student and critic share one module): gradients averaged over ranks; a non-finite rank sends NaN."""
-    if not dist.is_initialized():
-        return finite
+    if not dist.is_initialized() or isinstance(params[0], DTensor):  # --fsdp: averaged in the backward; a NaN reaches all norms
+        return finite or dist.is_initialized()
     for p in params:  # a LoRA the graph did not reach gets 0, as DDP's find_unused_parameters
         p.grad = p.grad if finite and p.grad is not None else torch.full_like(p, 0.0 if finite else torch.nan)
         dist.all_reduce(p.grad)
         p.grad /= dist.get_world_size()
     return True
+
+
+def shard(transformer, dtype) -> None:
+    """--fsdp: FSDP2 on every block and the transformer; base, student and critic (and so Adam's states) split over the ranks, gathered
+    block by block. The teacher slot stays whole on each rank (ignored): ranks swap in different teachers, a sharded slot would mix them."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    teacher, mixed = set(adapter_params(transformer, "teacher")), MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")  # predict_v slices it, never in place
+    for module in [*transformer.transformer_blocks, transformer]:  # fp32 LoRAs gathered in the base's dtype: autocast's anyway
+        fully_shard(module, mp_policy=mixed, ignored_params=teacher)
+
+
+def whole(tree):
+    """A (nested) state dict with each --fsdp shard (DTensor) gathered into its full tensor: a collective, every rank calls it."""
+    return {k: whole(v) for k, v in tree.items()} if isinstance(tree, dict) else tree.full_tensor() if isinstance(tree, DTensor) else tree
 
 
 # ---- Train loop, checkpoints, export, preview ----
@@ -926,12 +943,12 @@ def deferred_signals():
 
 def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, gen, keep: int):
     """Everything for a bit-exact resume: LoRAs, optimisers, every rank's RNG (router: a function of the step). All ranks call it."""
-    gens = gather(gen.get_state())
+    gens, names = gather(gen.get_state()), ("student", "critic")
+    state = whole({"opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict()}  # --fsdp: the shards gathered
+                  | {name: get_peft_model_state_dict(transformer, adapter_name=name) for name in names})
     if rank_and_world()[0] > 0:
         return None
-    state = {"step": step, "opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict(), "gen": gens}
-    for name in ("student", "critic"):
-        state[name] = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
+    state |= {"step": step, "gen": gens} | {name: {k: v.detach().cpu().clone() for k, v in state[name].items()} for name in names}
     atomic_save(state, path := folder / f"step_{step:08d}.pt")
     for old in sorted(folder.glob("step_*.pt"))[:-keep]:
         old.unlink()
@@ -946,9 +963,15 @@ def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> in
                          f"same number of processes (torchrun --nproc_per_node)")
     if rank == 0:
         print(f"resumed from {path} at step {state['step']}")
+    def like(value, p):  # a full tensor of the checkpoint as parameter p holds it: under --fsdp, this rank's shard (a DTensor)
+        return distribute_tensor(value.to(p.to_local().device), p.device_mesh, p.placements) if isinstance(p, DTensor) else value
     for name, opt in (("student", opt_student), ("critic", opt_critic)):
-        set_peft_model_state_dict(transformer, state[name], adapter_name=name)
-        opt.load_state_dict(state[f"opt_{name}"])
+        params, adam = opt.param_groups[0]["params"], state[f"opt_{name}"]
+        with torch.no_grad():  # peft's key: the parameter's name without the adapter's
+            for n, p in ((n, p) for n, p in transformer.named_parameters() if f".{name}." in n):
+                p.copy_(like(state[name][n.replace(f".{name}.", ".")].to(p.dtype), p))
+        adam["state"] = {i: {k: like(v, params[i]) if v.dim() else v for k, v in s.items()} for i, s in adam["state"].items()}
+        opt.load_state_dict(adam)
     gen.set_state(gens[rank])
     return state["step"]
 
@@ -957,8 +980,10 @@ def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict
     """The student for diffusers (pytorch_lora_weights.safetensors + scheduler/) and ComfyUI (<name>_comfyui.safetensors), described
     in collectionlora.json: which file for which tool, the sampler in both tools' terms, every effect's prompt (--init's too)."""
     out, tmp = Path(cfg.out) / "lora", Path(cfg.out) / "lora.tmp"
+    sd, config = whole(get_peft_model_state_dict(pipe.transformer, adapter_name="student")), pipe.transformer.peft_config["student"]
+    if rank_and_world()[0] > 0:  # every rank gathers the student (--fsdp), rank 0 writes it
+        return None
     shutil.rmtree(tmp, ignore_errors=True)
-    sd, config = get_peft_model_state_dict(pipe.transformer, adapter_name="student"), pipe.transformer.peft_config["student"]
     type(pipe).save_lora_weights(tmp, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config.to_dict())
     student_scheduler(cfg).save_pretrained(tmp / "scheduler")
     # ComfyUI: "diffusion_model.<diffusers' module name>" (model_lora_keys_unet, comfy/lora.py), scaled by ".alpha" / rank (none: 1)
@@ -1021,8 +1046,9 @@ def write_preview(pipe, cfg: Config, data: EditData, name: str = "preview.png", 
             grid.paste(cell, (left + j * (cell.width + gap), y))
         y += row[0].height + gap
     pipe.text_encoder.to(home), pipe.vae.to(home)
-    atomic_save(grid, out := Path(cfg.out) / name, lambda image, tmp: image.save(tmp, format="PNG"))
-    return out
+    if rank_and_world()[0] == 0:
+        atomic_save(grid, Path(cfg.out) / name, lambda image, tmp: image.save(tmp, format="PNG"))
+    return Path(cfg.out) / name
 
 
 def device_setup(cfg: Config) -> tuple:
@@ -1044,7 +1070,9 @@ def train(cfg: Config) -> Path | None:
     effects, general, old = read_inputs(cfg)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # torchrun: one process per device
         dist.init_process_group("nccl" if cuda else "gloo")
-    rank, out = rank_and_world()[0], Path(cfg.out)
+    (rank, world), out = rank_and_world(), Path(cfg.out)
+    if cfg.fsdp and world < 2:
+        raise InputError("--fsdp shards the model over processes -- launch with torchrun --nproc_per_node=K (K >= 2), or drop --fsdp")
     ckpt_dir, log = out / "checkpoints", out / "log.jsonl"
 
     # --- models: ONE base transformer carries the teacher slot, the student and the critic ---
@@ -1070,6 +1098,8 @@ def train(cfg: Config) -> Path | None:
         pipe.text_encoder.to("cpu"), pipe.vae.to("cpu")
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+    if cfg.fsdp:
+        shard(transformer, dtype)
     opt_student, opt_critic = (torch.optim.AdamW(adapter_params(transformer, name), lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
                                for name, lr in (("student", cfg.lr), ("critic", cfg.critic_lr)))
     router = Router(len(effects), [len(p) * cfg.targets_per_image for p in data.pools], len(general), cfg.p_switch, cfg.route_every,
@@ -1108,7 +1138,7 @@ def train(cfg: Config) -> Path | None:
             stop = any(gather(bool(signals)))  # a signal reaches each rank at its own step: all stop after the same one
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop or nonfinite >= cfg.max_nonfinite:
                 path = save_checkpoint(ckpt_dir, step + 1, transformer, opt_student, opt_critic, gen, cfg.keep_checkpoints)
-            if cfg.preview_every and (step + 1) % cfg.preview_every == 0 and rank == 0:
+            if cfg.preview_every and (step + 1) % cfg.preview_every == 0:  # every rank samples (--fsdp: together), rank 0 writes
                 with image_sizes(cfg):
                     write_preview(pipe, cfg, data, f"preview_{step + 1}.png")
             if nonfinite >= cfg.max_nonfinite:
@@ -1119,13 +1149,11 @@ def train(cfg: Config) -> Path | None:
                 sig, resume = (signals or [signal.SIGTERM])[0], "--resume instead of --overwrite" if cfg.overwrite else "--resume"
                 raise Stopped(f"{signal.Signals(sig).name}: stopped after step {step + 1}, checkpoint {path} -- "
                               f"rerun the same command with {resume} to continue", 128 + sig)
-    student = torch.cat([p.detach().flatten() for p in adapter_params(transformer, "student")]).cpu().numpy()
+    student = torch.cat([whole(p).detach().flatten() for p in adapter_params(transformer, "student")]).cpu().numpy()
     if len(set(gather(hashlib.sha256(student.tobytes()).hexdigest()))) > 1:  # every rank's student: checked, not assumed
         raise RuntimeError("the ranks ended with different students -- a bug in the gradient averaging: please report it")
-    if rank > 0:
-        return None
 
-    # --- everything that follows is export and diagnostics ---
+    # --- everything that follows is export and diagnostics: every rank computes (--fsdp: its forwards are collectives), rank 0 writes ---
     # "before" is the base model (the untrained student, B = 0; with --init still the base, not the old student)
     before, after = (distances_to_teachers(transformer, data, sigmas, adapter) for adapter in (None, "student"))
     counts = collections.Counter(router.route(step).effect for step in range(cfg.max_steps))  # draws need no state
@@ -1137,6 +1165,8 @@ def train(cfg: Config) -> Path | None:
     transformer.zero_grad(set_to_none=True)
     with image_sizes(cfg):
         preview = write_preview(pipe, cfg, data)
+    if rank > 0:
+        return None
     print("8-step output vs teacher output (latent MSE), base model -> student:\n" + "\n".join(
         f"  {e.name:24s} {b0:.4f} -> {b1:.4f}   prompt: {e.student_prompt!r}" for e, b0, b1 in zip(effects, before, after)))
     print(f"router visits: {visits}")
@@ -1160,7 +1190,7 @@ def main(argv=None) -> int:
         message, code = e, e.code
     except torch.OutOfMemoryError:
         message, code = ("error: out of GPU memory -- see README 'Memory plan': keep --gradient_checkpointing, lower --rank or "
-                         "--batch_size, or add GPUs (torchrun); checkpoints already written are kept: rerun with --resume"), 1
+                         "--batch_size, or add GPUs (torchrun, --fsdp); checkpoints already written are kept: rerun with --resume"), 1
     except RuntimeError as e:  # under torchrun, mostly a collective that lost a rank (gloo: "Connection closed by peer")
         if not dist.is_initialized():
             raise

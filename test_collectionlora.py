@@ -1180,6 +1180,37 @@ def test_gradients_are_averaged_over_ranks_and_a_non_finite_rank_skips_the_updat
         assert skip and nan  # apply_update then sees a non-finite norm on both ranks and skips
 
 
+def _real_score(rank: int, tmp: str, root: str, sharded: bool = True) -> None:
+    """Teacher `rank` swapped into the slot, the real score of a fixed call saved; sharded: one of 2 FSDP2 ranks (--fsdp's layout)."""
+    if sharded:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
+        cl.dist.init_process_group("gloo", rank=rank, world_size=2)
+    pipe = build_tiny_pipeline(0)
+    bank = cl.TeacherBank(cl.read_teachers(Path(root) / "teachers"), pipe, Path(tmp) / f"cache{rank}")
+    cl.add_trainable_adapters(pipe.transformer.requires_grad_(False), tiny_config(Path(root), Path(tmp)))
+    if sharded:
+        cl.shard(pipe.transformer, torch.float32)
+    bank.swap(rank)
+    cl.use_adapter(pipe.transformer, "teacher")
+    torch.save(transformer_out(pipe.transformer), Path(tmp) / f"{'fsdp' if sharded else 'one'}{rank}.pt")
+    del pipe, bank  # before the process group goes, or a rank can hang at exit
+    if sharded:
+        cl.dist.destroy_process_group()
+
+
+def test_fsdp_ranks_on_different_teachers_each_get_their_own_teachers_real_score(teachers, tmp_path, monkeypatch):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("TEST_PORT", str(sock.getsockname()[1]))
+    torch.multiprocessing.start_processes(_real_score, args=(str(tmp_path), str(teachers)), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        _real_score(rank, str(tmp_path), str(teachers), sharded=False)
+    one, fsdp = ([torch.load(tmp_path / f"{kind}{r}.pt") for r in (0, 1)] for kind in ("one", "fsdp"))
+    assert not torch.allclose(one[0], one[1], atol=1e-3)  # two different teachers: a slot sharded over the ranks would mix them
+    assert all(torch.allclose(f, o, rtol=1e-5, atol=1e-6) for f, o in zip(fsdp, one)), [(f - o).abs().max() for f, o in zip(fsdp, one)]
+
+
 def torchrun(tmp_path, out: Path, *extra, nproc=2):
     """The CLI under torchrun on the CPU (gloo), in its own process group; returns the Popen."""
     args = ["--base", "tiny", "--teachers", str(ROOT / "examples" / "tiny_teachers"), "--general",
@@ -1190,7 +1221,7 @@ def torchrun(tmp_path, out: Path, *extra, nproc=2):
                             stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_torchrun_two_ranks_train_one_student_write_once_and_refuse_bad_input_once(tmp_path):
+def test_torchrun_two_ranks_train_one_student_write_once_fsdp_too_and_refuse_bad_input_once(tmp_path):
     proc = torchrun(tmp_path, tmp_path / "out", "--max_steps", "10", "--save_every", "5", "--preview_every", "10")
     stdout, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err  # the run also checked that both ranks ended with the same student
@@ -1208,6 +1239,19 @@ def test_torchrun_two_ranks_train_one_student_write_once_and_refuse_bad_input_on
     assert all(torch.equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True)) for a, b in zip(split, alone))
     stock = build_tiny_pipeline(0)
     load_student(stock, tmp_path / "out" / "lora")  # the export reloads
+    # --fsdp: the same run sharded ends where data parallel ends; resumed from its first checkpoint, it ends bit for bit there again
+    proc = torchrun(tmp_path, tmp_path / "fsdp", "--max_steps", "10", "--save_every", "5", "--fsdp")
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and stdout.count("wrote ") == 2, err
+    fsdp = lora_tensors(tmp_path / "fsdp" / "lora")
+    assert fsdp.keys() == two.keys() and all(torch.allclose(fsdp[k], two[k], rtol=1e-4, atol=1e-6) for k in two)
+    shutil.rmtree(tmp_path / "fsdp" / "lora")
+    (tmp_path / "fsdp" / "checkpoints" / "step_00000010.pt").unlink()
+    proc = torchrun(tmp_path, tmp_path / "fsdp", "--max_steps", "10", "--save_every", "5", "--fsdp", "--resume")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and (resumed := lora_tensors(tmp_path / "fsdp" / "lora")).keys() == fsdp.keys(), err
+    assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
+    load_student(stock, tmp_path / "fsdp" / "lora")  # and reloads
     # a checkpoint of 2 ranks is refused by 1 process, and bad input is reported once, with exit 2 on every rank
     single = cli("--base", "tiny", "--teachers", str(ROOT / "examples" / "tiny_teachers"), "--general",
                  str(ROOT / "examples" / "tiny_general"), "--out", str(tmp_path / "out"), "--rank", "4", "--alpha", "4",

@@ -17,7 +17,7 @@ What is exact, what is estimated:
     in fp32 on CUDA, in bf16 on CPU): that column is derived, not measured here.
   * Peaks (graphs alive at once, backward working set, autocast's cast copies, the optimiser step's transient, FSDP2
     all-gather buffers, the 3 GB reserve for the CUDA context and fragmentation) are estimates, each named where used.
-    FSDP2 rows say what sharding would give: collectionlora's torchrun mode is data parallel (every GPU holds all).
+    FSDP2 rows are `--fsdp` (the teacher slot stays whole on every GPU); the default torchrun mode is data parallel.
   * Not counted: the text encoder and VAE (on the GPU while `prepare` encodes the inputs and computes the teacher
     targets, and during previews; moved to the CPU for training).
 """
@@ -539,25 +539,25 @@ def main(argv=None):
     say("\n(GB; the update peaks include the cast copies.)\n")
 
     # -- per-GPU table --
-    block_gather = 2 * (base_b + teacher_b + 2 * 4 * n_lora) / c["num_layers"]  # FSDP2: 2 blocks unsharded (prefetch)
+    block_gather = 2 * (base_b + 2 * 4 * n_lora) / c["num_layers"]  # FSDP2: 2 blocks unsharded (prefetch)
 
     def per_gpu(k, fsdp, side, ckpt):
         """fixed + the larger of the student update's activation peak and the optimiser step's transient."""
         if fsdp:
-            return fixed / k + block_gather + max(acts[side][ckpt], update / k)
+            return (fixed - teacher_b) / k + teacher_b + block_gather + max(acts[side][ckpt], update / k)  # slot: whole
         return fixed + max(acts[side][ckpt], update)
 
     say(f"## Peak memory per GPU (GB; fits = at most card - {RESERVE_GB:.0f} GB; teacher slot r={args.teacher_rank[-1]})\n")
     header = ["GPUs", "layout"] + [f"{s}^2 {'ckpt' if ck else 'no ckpt'}" for s in args.sides for ck in (True, False)]
-    rows = [(k, "FSDP2 (not in collectionlora)" if fsdp else "data parallel (torchrun)",
+    rows = [(k, "FSDP2 (--fsdp)" if fsdp else "data parallel (torchrun)",
              *(fit(per_gpu(k, fsdp, s, ck)) for s in args.sides for ck in (True, False)))
             for fsdp in (False, True) for k in (1, 2, 4, 8) if not (fsdp and k == 1)]
     say(table(header, rows))
     say(f"\nData parallel (collectionlora under torchrun): every GPU holds everything and draws its own edit (global batch "
-        f"K); per-GPU memory does not change with K. FSDP2 (fully_shard per block + root; not implemented in "
-        f"collectionlora): base, teacher slot, LoRA weights, grads and AdamW sharded 1/K, + 2 unsharded blocks "
+        f"K); per-GPU memory does not change with K. FSDP2 (collectionlora --fsdp: fully_shard per block + root): base, "
+        f"LoRA weights, grads and AdamW sharded 1/K, the teacher slot whole on every GPU, + 2 unsharded blocks "
         f"({fmt_gb(block_gather)} GB) for the all-gather and its prefetch; activations and autocast's cast copies not "
-        f"sharded (FSDP2's MixedPrecisionPolicy(param_dtype=bf16) in place of autocast would drop the copies).\n")
+        f"sharded (counted as under autocast; --fsdp gathers the LoRAs in bf16, MixedPrecisionPolicy, which may drop them).\n")
 
     # -- shared base vs the official layout --
     rows = []

@@ -1420,6 +1420,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae_steps", type=int, default=4000, help="VAE training steps (about 0.16 s each; cached, shared)")
     p.add_argument("--base_steps", type=int, default=2500, help="base pretraining steps (about 0.07 s each; cached, shared)")
     p.add_argument("--teacher_steps", type=int, default=600, help="FM steps per teacher LoRA (about 0.09 s each)")
+    p.add_argument("--fm_steps", type=int, default=None, help="FM baselines' steps per effect (default: --teacher_steps, "
+                   "what one teacher gets; about 0.17 s each)")
     p.add_argument("--distil_steps", type=int, default=None, help="collectionlora iterations of the full objective, after "
                    "the warm start (default: 1500 per 4 effects)")
     p.add_argument("--warmup_steps", type=int, default=None, help=f"warm-start iterations (flow matching on the teacher "
@@ -1566,14 +1568,14 @@ def run(spec: dict, args) -> dict:
     prompts = planned_prompts(teachers, base, args.seed)
     lightning = lambda: stage_lightning(teachers, names[0], general, base, root / f"lightning_{args.lightning_steps}",
                                         args.seed, args.lightning_steps)
-    fm = lambda: stage_fm(world, effects, base, root / tag / "fm_lora", prompts, DISTIL_KNOBS["rank"],
-                          args.teacher_steps * len(effects), args.seed)
+    fm_steps, fm_name = (args.fm_steps or args.teacher_steps) * len(effects), "" if args.fm_steps is None else f"_s{args.fm_steps}"
+    fm = lambda: stage_fm(world, effects, base, root / tag / f"fm_lora{fm_name}", prompts, DISTIL_KNOBS["rank"], fm_steps, args.seed)
     per_source = DISTIL_KNOBS["targets_per_image"]  # as many teacher outputs per source as the distiller gets
-    fm_teacher = lambda: stage_fm(world, effects, base, root / tag / f"fm_teacher_lora_g{args.guidance:g}_k{per_source}", prompts,
-                                  DISTIL_KNOBS["rank"], args.teacher_steps * len(effects), args.seed, teachers, args.guidance,
-                                  per_source)
+    fm_teacher = lambda: stage_fm(world, effects, base, root / tag / f"fm_teacher_lora_g{args.guidance:g}_k{per_source}{fm_name}",
+                                  prompts, DISTIL_KNOBS["rank"], fm_steps, args.seed, teachers, args.guidance, per_source)
     calls = [lambda out=out, kn=kn: stage_distil(teachers, general, base, out, args.seed, **kn) for out, kn in students.values()]
-    in_parallel(args.jobs, calls + [fm, fm_teacher] + ([] if embedded_lightning else [lightning]))  # collectionlora, the longest, first
+    # collectionlora, the longest, first; the ablations after the FM baselines, so that they find its teacher targets cached
+    in_parallel(args.jobs, calls[:1] + [fm, fm_teacher] + calls[1:] + ([] if embedded_lightning else [lightning]))
     for out, kn in students.values():
         stage_distil(teachers, general, base, out, args.seed, **kn)  # cached by now
     loras = {name: out / "lora" for name, (out, kn) in students.items()}

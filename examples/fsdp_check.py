@@ -1,27 +1,26 @@
-"""Does FSDP2 run collectionlora's training step? A check on the CPU (2 gloo processes, the random tiny model) for the
-`--fsdp` option that issue 12 asks for and collectionlora.py does not have yet.
+"""FSDP2 against one process and against data parallel, on the CPU (2 gloo processes, the random tiny model): the layout
+`collectionlora.py --fsdp` uses (`cl.shard`), run through its training step.
 
     OMP_NUM_THREADS=1 python examples/fsdp_check.py        # about 1 minute
 
-The layout tried: `fully_shard` on every transformer block, then on the transformer, with the teacher slot left out of
-the sharding (`ignored_params`): every rank swaps its own effect's teacher into its own whole slot, which a sharded
-slot would mix with the other ranks' (it is all-gathered before use). The student and the critic LoRAs are sharded,
-and peft switches between them (and the teacher and the bare base) by `set_adapter` / `disable_adapters`, as in
-training. FSDP2 averages the gradients in its backward, so collectionlora's own averaging (`average_gradients`,
-the data-parallel path) is switched off for the sharded runs.
+The layout: `fully_shard` on every transformer block, then on the transformer, with the teacher slot left out of the
+sharding (`ignored_params`): every rank swaps its own effect's teacher into its own whole slot, which a sharded slot
+would mix with the other ranks' (it is all-gathered before use). The student and the critic LoRAs are sharded, and peft
+switches between them (and the teacher and the bare base) by `set_adapter` / `disable_adapters`, as in training.
+FSDP2 averages the gradients in its backward, so collectionlora's own averaging (`average_gradients`) leaves sharded
+parameters alone.
 
 Three runs of `train_step` (STEPS steps; student every 2nd step, so both kinds of step run):
   1. one process;
   2. FSDP2 on 2 ranks that draw the same effect, sources and noise: must equal run 1 (the mean of two equal gradients);
-  3. data parallel (collectionlora's torchrun mode) and FSDP2 on 2 ranks that train different effects (different
+  3. data parallel (collectionlora's default torchrun mode) and FSDP2 on 2 ranks that train different effects (different
      teachers, sources and targets, so different gradients): must equal each other.
 It prints the largest difference of each comparison and exits 1 if one is above the tolerance.
 
-What it found (README, "One GPU, many GPUs"): under FSDP2 every rank must run the same sequence of forwards, since each
-block all-gathers its shards before it runs. The student's backward simulation runs a randomly drawn number k of
-forwards, so with each rank's own noise generator (what collectionlora's data-parallel mode does) the ranks' k differ,
-and FSDP2 waited for ever in a reduce-scatter (seen here). So the runs above share one generator on both ranks; a
-`--fsdp` option must draw k (not the noise) from a generator that all ranks share.
+What it found before `--fsdp` was built (README, "One GPU, many GPUs"): under FSDP2 every rank must run the same sequence
+of forwards, since each block all-gathers its shards before it runs. The student's backward simulation runs a randomly
+drawn number k of forwards; with each rank's own k, FSDP2 waited for ever in a reduce-scatter. collectionlora now takes
+rank 0's k on every rank (`on_policy_x0`); the runs here share one generator on both ranks, which gives the same.
 """
 import faulthandler
 import os
@@ -32,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,11 +55,7 @@ def trained_loras(rank: int, world: int, out: str, sharded: bool, same_draws: bo
         transformer = pipe.transformer.requires_grad_(False)
         cl.add_trainable_adapters(transformer, cfg)
         if sharded:
-            teacher = set(cl.adapter_params(transformer, "teacher"))
-            for block in transformer.transformer_blocks:
-                fully_shard(block, ignored_params=teacher)
-            fully_shard(transformer, ignored_params=teacher)
-            cl.average_gradients = lambda params, finite: finite  # FSDP2 has averaged them in backward
+            cl.shard(transformer, torch.float32)  # --fsdp's layout
         optimisers = [torch.optim.AdamW(cl.adapter_params(transformer, name), 1e-3) for name in ("student", "critic")]
         gen, sigmas = torch.Generator().manual_seed(0), cl.student_sigmas(8, 3.0)  # one noise stream: see the docstring
         for step in range(STEPS):
