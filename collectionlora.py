@@ -11,8 +11,7 @@ N effect LoRAs (each a 40-step CFG "teacher" for one image-editing effect) becom
     routing (PDSR)  each period is an effect (its LoRA swapped into the real score) w.p. p_switch, else a general edit (teacher = base)
     prompts (AOP)   teacher sees its instruction; student and critic "<trigger> instruction", triggers chosen for orthogonal prompts
 
-Run (python collectionlora.py --help: every knob; README: the folders, the memory plan, using the result in diffusers/ComfyUI):
-    python collectionlora.py --base tiny --teachers examples/tiny_teachers ...               # CPU demo: README
+Run (python collectionlora.py --help: every knob; README: a CPU demo, the folders, the memory plan, the result in diffusers/ComfyUI):
     python collectionlora.py --teachers my_effects/ --general my_edits/ --out runs/mine     # GPU, Qwen-Image-Edit-2509
     torchrun --nproc_per_node=8 collectionlora.py --teachers my_effects/ ... [--fsdp]        # 8 GPUs, data parallel [sharded]
     python collectionlora.py --init runs/mine/lora --teachers new/ --replay my_effects/ ...  # add effects to it
@@ -162,6 +161,8 @@ def check_config(c: Config) -> None:
         raise InputError(f"--{flag} {getattr(c, flag)} is invalid -- see `--help` for its meaning and default")
     if not c.teachers:
         raise InputError("--teachers is required -- pass a folder with one sub-folder per effect (see --help)")
+    if c.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise InputError("--fsdp shards the model over processes -- launch with torchrun --nproc_per_node=K (K >= 2), or drop --fsdp")
     if c.resume and c.overwrite:
         raise InputError("--resume and --overwrite contradict each other -- pass one of them")
     if c.replay and not c.init or c.init and not c.aop:  # an extension keeps the old student prompts: AOP's
@@ -343,13 +344,6 @@ def adapter_params(transformer, name: str) -> list:
     return [p for n, p in transformer.named_parameters() if f".{name}." in n]
 
 
-@torch.no_grad()
-def copy_adapter(transformer, source: str, target: str) -> None:
-    params = dict(transformer.named_parameters())
-    for n in (n for n in params if f".{target}." in n):
-        params[n].copy_(params[n.replace(f".{target}.", f".{source}.")])
-
-
 def add_trainable_adapters(transformer, cfg: Config):
     """Student and critic LoRAs on the one base, zero at step 0 (student = critic = base); --init: the exported student, critic = it."""
     torch.manual_seed(cfg.seed)  # LoRA A is drawn from the global RNG: whatever ran before must not matter
@@ -362,8 +356,8 @@ def add_trainable_adapters(transformer, cfg: Config):
             p.data = p.data.float()  # important! trainable LoRA weights stay fp32 under bf16 autocast
     if cfg.init:
         sd = load_file(str(Path(cfg.init) / "pytorch_lora_weights.safetensors"))
-        set_peft_model_state_dict(transformer, {k.removeprefix("transformer."): v for k, v in sd.items()}, adapter_name="student")
-        copy_adapter(transformer, "student", "critic")  # the fake score starts as the student's own model
+        for name in ("student", "critic"):  # the fake score starts as the student's own model
+            set_peft_model_state_dict(transformer, {k.removeprefix("transformer."): v for k, v in sd.items()}, adapter_name=name)
 
 
 # ---- Reading the user's folders: everything is checked before anything is written ----
@@ -723,8 +717,7 @@ class EditData:
         items, (rank, world) = [(i, p, j) for i, pool in enumerate(self.pools) for j in range(K) for p in pool], rank_and_world()
         for i, p, j in items[rank::world] if world > 1 else ():  # torchrun: each rank first fills its share of the cache
             teacher_target(pipe, bank, i, p, cfg, teacher_scheduler, j)
-        if world > 1:
-            dist.barrier()
+        gather(None)  # torchrun: a barrier, the shares are all written
         for i, p, j in tqdm(items, desc="teacher targets", disable=rank > 0):
             self.effect_inputs[i, p] = (enc(effects[i].student_prompt, p), enc(effects[i].instruction, p), enc("", p))
             self.targets[i, p, j] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler, j)
@@ -847,9 +840,8 @@ def critic_loss(transformer, b: Batch, sigmas, cfg: Config, gen):
 
 def apply_update(loss, optimiser, clip: float) -> bool:
     """backward, average over ranks, clip, step; a NaN/inf loss or gradient on any rank changes nothing (it would poison Adam): False."""
-    params = optimiser.param_groups[0]["params"]
+    params, finite = optimiser.param_groups[0]["params"], bool(torch.isfinite(loss))
     optimiser.zero_grad(set_to_none=True)
-    finite = bool(torch.isfinite(loss))
     loss.backward()  # even when not finite (then skipped below): under --fsdp a backward is a collective
     if not (average_gradients(params, finite) and torch.isfinite(torch.nn.utils.clip_grad_norm_(params, clip))):
         optimiser.zero_grad(set_to_none=True)
@@ -862,8 +854,8 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
     """Student every gen_every steps (DMD2), then critic; warm start (step < warmup): student FM on teacher outputs, then critic = it."""
     logs, skipped, warm = {}, [], step < cfg.warmup
     opt_student.param_groups[0]["lr"] = (cfg.warmup_lr or cfg.lr) * (1 - step / cfg.warmup) if warm else cfg.lr  # deviation 10
-    if step == cfg.warmup > 0:  # the warm start ends: the fake score starts as the student's own model
-        copy_adapter(transformer, "student", "critic")
+    if step == cfg.warmup > 0:  # the warm start ends: the fake score starts as the student's own model, copied
+        set_peft_model_state_dict(transformer, get_peft_model_state_dict(transformer, adapter_name="student"), adapter_name="critic")
     if warm or step % cfg.gen_every == 0:
         with autocast:
             losses = ({"fm": flow_matching_term(transformer, "student", b.target, b.student, 0.0, cfg, gen)} if warm
@@ -881,8 +873,7 @@ def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic
     return logs | {"skipped": skipped}
 
 
-# ---- Many processes (torchrun): data parallel over the LoRA gradients, or --fsdp: sharded ----
-# Every rank holds the whole base and all adapters (README "Memory plan"), shares the period's stream and draws its own data.
+# ---- Many processes (torchrun): each rank the whole model (--fsdp: a shard of it), the period's stream, its own data ----
 
 def rank_and_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -908,8 +899,7 @@ def average_gradients(params: list, finite: bool) -> bool:
 
 
 def shard(transformer, dtype) -> None:
-    """--fsdp: FSDP2 on every block and the transformer; base, student and critic (and so Adam's states) split over the ranks, gathered
-    block by block. The teacher slot stays whole on each rank (ignored): ranks swap in different teachers, a sharded slot would mix them."""
+    """--fsdp: FSDP2 per block: base, student, critic (so Adam's states) split over the ranks; the teacher slot whole on each (README)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     teacher, mixed = set(adapter_params(transformer, "teacher")), MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")  # predict_v slices it, never in place
@@ -967,9 +957,8 @@ def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> in
         return distribute_tensor(value.to(p.to_local().device), p.device_mesh, p.placements) if isinstance(p, DTensor) else value
     for name, opt in (("student", opt_student), ("critic", opt_critic)):
         params, adam = opt.param_groups[0]["params"], state[f"opt_{name}"]
-        with torch.no_grad():  # peft's key: the parameter's name without the adapter's
-            for n, p in ((n, p) for n, p in transformer.named_parameters() if f".{name}." in n):
-                p.copy_(like(state[name][n.replace(f".{name}.", ".")].to(p.dtype), p))
+        named = {n.replace(f".{name}.", "."): p for n, p in transformer.named_parameters() if f".{name}." in n}  # peft's keys
+        set_peft_model_state_dict(transformer, {k: like(v, named[k]) for k, v in state[name].items()}, adapter_name=name)
         adam["state"] = {i: {k: like(v, params[i]) if v.dim() else v for k, v in s.items()} for i, s in adam["state"].items()}
         opt.load_state_dict(adam)
     gen.set_state(gens[rank])
@@ -1070,9 +1059,7 @@ def train(cfg: Config) -> Path | None:
     effects, general, old = read_inputs(cfg)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # torchrun: one process per device
         dist.init_process_group("nccl" if cuda else "gloo")
-    (rank, world), out = rank_and_world(), Path(cfg.out)
-    if cfg.fsdp and world < 2:
-        raise InputError("--fsdp shards the model over processes -- launch with torchrun --nproc_per_node=K (K >= 2), or drop --fsdp")
+    rank, out = rank_and_world()[0], Path(cfg.out)
     ckpt_dir, log = out / "checkpoints", out / "log.jsonl"
 
     # --- models: ONE base transformer carries the teacher slot, the student and the critic ---

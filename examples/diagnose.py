@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft.utils import set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
@@ -107,7 +107,7 @@ def main(out: Path, only: str = "", batches: int = 24):
         for name in ("student", "critic"):
             set_peft_model_state_dict(tr, state[name], adapter_name=name)
         if state["step"] == cfg.warmup > 0:  # as train_step does when the full objective begins
-            cl.copy_adapter(tr, "student", "critic")
+            set_peft_model_state_dict(tr, get_peft_model_state_dict(tr, adapter_name="student"), adapter_name="critic")
         for i in [[e.name for e in effects].index(only)] if only else range(len(effects)):
             total, square, second, fake_vs_real, x0_vs_real, truth, cos = {}, {}, {}, [], [], {}, {}
             spec = registry.get(effects[i].name)
