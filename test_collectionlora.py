@@ -1222,13 +1222,17 @@ def torchrun(tmp_path, out: Path, *extra, nproc=2):
 
 
 def test_torchrun_two_ranks_train_one_student_write_once_fsdp_too_and_refuse_bad_input_once(tmp_path):
+    # three real runs side by side (most of a child's time is importing): data parallel, --fsdp (its own cache), bad input
     proc = torchrun(tmp_path, tmp_path / "out", "--max_steps", "10", "--save_every", "5", "--preview_every", "10")
+    sharded = torchrun(tmp_path, tmp_path / "fsdp", "--max_steps", "10", "--save_every", "5", "--fsdp",
+                       "--cache_dir", str(tmp_path / "fsdp_cache"))
+    bad = torchrun(tmp_path, tmp_path / "bad", "--max_steps", "-1")
     stdout, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err  # the run also checked that both ranks ended with the same student
     assert stdout.count("wrote ") == 2 and stdout.count("AOP: ") == 1  # rank 0 alone reports and writes
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step_00000005.pt", "step_00000010.pt"]
     assert len(torch.load(tmp_path / "out" / "checkpoints" / "step_00000010.pt", weights_only=True)["gen"]) == 2
-    assert (tmp_path / "out" / "preview_10.png").is_file() and not list(tmp_path.rglob("*.tmp"))
+    assert (tmp_path / "out" / "preview_10.png").is_file() and not list((tmp_path / "out").rglob("*.tmp"))
     config = json.loads((tmp_path / "out" / "lora" / "collectionlora.json").read_text())["config"]
     one = lora_tensors(cl.train(cl.Config(**config | {"out": str(tmp_path / "one"), "cache_dir": str(tmp_path / "one_cache"),
                                                       "target_modules": cl.QWEN_TARGET_MODULES})))
@@ -1240,27 +1244,26 @@ def test_torchrun_two_ranks_train_one_student_write_once_fsdp_too_and_refuse_bad
     stock = build_tiny_pipeline(0)
     load_student(stock, tmp_path / "out" / "lora")  # the export reloads
     # --fsdp: the same run sharded ends where data parallel ends; resumed from its first checkpoint, it ends bit for bit there again
-    proc = torchrun(tmp_path, tmp_path / "fsdp", "--max_steps", "10", "--save_every", "5", "--fsdp")
-    stdout, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and stdout.count("wrote ") == 2, err
+    stdout, err = sharded.communicate(timeout=600)
+    assert sharded.returncode == 0 and stdout.count("wrote ") == 2, err
     fsdp = lora_tensors(tmp_path / "fsdp" / "lora")
     assert fsdp.keys() == two.keys() and all(torch.allclose(fsdp[k], two[k], rtol=1e-4, atol=1e-6) for k in two)
     shutil.rmtree(tmp_path / "fsdp" / "lora")
     (tmp_path / "fsdp" / "checkpoints" / "step_00000010.pt").unlink()
-    proc = torchrun(tmp_path, tmp_path / "fsdp", "--max_steps", "10", "--save_every", "5", "--fsdp", "--resume")
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and (resumed := lora_tensors(tmp_path / "fsdp" / "lora")).keys() == fsdp.keys(), err
-    assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
-    load_student(stock, tmp_path / "fsdp" / "lora")  # and reloads
-    # a checkpoint of 2 ranks is refused by 1 process, and bad input is reported once, with exit 2 on every rank
+    sharded = torchrun(tmp_path, tmp_path / "fsdp", "--max_steps", "10", "--save_every", "5", "--fsdp", "--resume",
+                       "--cache_dir", str(tmp_path / "fsdp_cache"))
+    # beside it: a checkpoint of 2 ranks is refused by 1 process
     single = cli("--base", "tiny", "--teachers", str(ROOT / "examples" / "tiny_teachers"), "--general",
                  str(ROOT / "examples" / "tiny_general"), "--out", str(tmp_path / "out"), "--rank", "4", "--alpha", "4",
                  "--teacher_steps", "4", "--cache_dir", str(tmp_path / "cache"), "--resume", "--max_steps", "20")
+    _, err = sharded.communicate(timeout=600)
+    assert sharded.returncode == 0 and (resumed := lora_tensors(tmp_path / "fsdp" / "lora")).keys() == fsdp.keys(), err
+    assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
+    load_student(stock, tmp_path / "fsdp" / "lora")  # and reloads
     _, err = single.communicate(timeout=600)
     assert single.returncode == 2 and "was written by 2 processes, this run has 1" in err, err
-    proc = torchrun(tmp_path, tmp_path / "bad", "--max_steps", "-1")
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode != 0 and err.count("error: --max_steps -1 is invalid") == 1 and "exitcode: 2" in err, err
+    _, err = bad.communicate(timeout=600)  # bad input is reported once, with exit 2 on every rank
+    assert bad.returncode != 0 and err.count("error: --max_steps -1 is invalid") == 1 and "exitcode: 2" in err, err
 
 
 def test_torchrun_a_dead_rank_stops_the_others_and_resume_continues(tmp_path):
