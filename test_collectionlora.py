@@ -300,6 +300,7 @@ def test_a_warm_start_is_ta_fm_alone_then_the_critic_starts_as_the_student(teach
     assert calls == [("critic", 0.0)]
     cl.train_step(4, tr, effect, sigmas, *opts, cfg, gen, contextlib.nullcontext())  # the full objective from now on
     assert calls[1:3] == ["dmd", "dmd"] and calls[3][0] == "critic"
+    assert all(p.grad is None for p in tr.parameters())  # every update frees its gradients at once (README "Memory plan")
 
 
 
