@@ -17,11 +17,11 @@ memory is torch.cuda's, reset per side (so it includes the fixed weights and the
 step to step: each step draws how far the student's backward simulation runs (0..7 no-grad forwards).
 
 Memory: the bf16 base alone is ~41 GB (40.86), the teacher slot 2.36 GB, the fp32 student and critic 4.72 GB each,
-their grads and AdamW moments another 28.2 GB: 80.9 GB fixed (README "Memory plan", from bench_memory.py). With
-checkpointing a student update adds ~7.4 GB of activations at 512^2 and ~14.4 GB at 1024^2: predicted peaks ~88 GB
-and ~95 GB (compare the "peak allocated" column), so a >= 141 GB GPU (H200) is needed; without checkpointing ~170 and
-~397 GB (OOM even there). On an 80 GB GPU the build (~53 GB) fits, the first step's AdamW states do not:
-the script reports "OOM" for that side instead of crashing (and the peak it reached before failing).
+their AdamW moments another 18.8 GB: 71.5 GB fixed (README "Memory plan", from bench_memory.py; apply_update frees an
+adapter's grads, 4.7 GB, right after its step). With checkpointing the plan's peaks are ~80.9 GB at 512^2 (the AdamW
+step: grads + sqrt(v)) and ~89.3 GB at 1024^2 (compare the "peak allocated" column); without checkpointing ~164 and
+~391 GB (OOM even on an H200). On an 80 GB GPU (85.5e9 bytes) 512^2 may just fit, 1024^2 should not: the script
+reports "OOM" for a side instead of crashing (and the peak it reached before failing).
 
 Expected runtime on an H200 (an estimate from FLOPs, not measured: ~0.2 s per forward of the 20B model at 512^2,
 ~0.75 s at 1024^2; a student + critic step is ~25 forward-equivalents, a critic-only step ~8): ~1 min to import and

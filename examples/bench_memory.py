@@ -17,7 +17,12 @@ What is exact, what is estimated:
     in fp32 on CUDA, in bf16 on CPU): that column is derived, not measured here.
   * Peaks (graphs alive at once, backward working set, autocast's cast copies, the optimiser step's transient, FSDP2
     all-gather buffers, the 3 GB reserve for the CUDA context and fragmentation) are estimates, each named where used.
+    Gradients are not resident: `collectionlora.apply_update` frees an adapter's grads right after its optimiser step
+    (zero_grad(set_to_none=True)), so they exist for the ONE adapter being updated, from its backward to the end of its
+    step, and count in the peaks, not in the fixed state (the CPU check measures them at the step and 0 bytes after).
     FSDP2 rows are `--fsdp` (the teacher slot stays whole on every GPU); the default torchrun mode is data parallel.
+  * Cards: "fits" compares with the total bytes nvidia-smi reports, not the marketing GB: an "80 GB" H100 has 81,559
+    MiB (85.52e9 bytes), a "141 GB" H200 143,771 MiB (150.75e9 bytes), less a 3e9-byte reserve. Tables are in GB = 1e9.
   * Not counted: the text encoder and VAE (on the GPU while `prepare` encodes the inputs and computes the teacher
     targets, and during previews; moved to the CPU for training).
 """
@@ -43,9 +48,13 @@ from peft import LoraConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import collectionlora as cl  # noqa: E402
 
-GB = 1e9
-RESERVE_GB = 3.0  # CUDA context, cuBLAS workspaces, allocator fragmentation: not modelled, kept free
-CARDS = (80, 141)  # A100/H100 80 GB, H200 141 GB
+GB = 1e9  # every table is in GB = 1e9 bytes
+RESERVE = 3e9  # bytes: CUDA context, cuBLAS workspaces, allocator fragmentation: not modelled, kept free
+MIB = 2 ** 20
+# Card capacities in bytes, the total nvidia-smi reports (an "80 GB" H100: 81,559 MiB = 79.6 GiB = 85.52e9 bytes):
+# label (what the table cells say) -> bytes. An A100 80GB reports 81,920 MiB: the H100's 81,559 is the smaller one.
+CARDS = {"80": 81_559 * MIB,  # 80 GB card (H100 80GB: 81,559 MiB = 85.52e9 bytes)
+         "141": 143_771 * MIB}  # 141 GB card (H200: 143,771 MiB = 150.75e9 bytes)
 QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
                   num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
 MODES = ("fp32", "cpu-bf16", "cuda-bf16")  # fp32 run (the CPU trainer), bf16 autocast on CPU, bf16 autocast on CUDA
@@ -326,6 +335,9 @@ def check_on_cpu(rank: int, teacher_rank: int, layers: int, heads: int, side: in
     cl.add_trainable_adapters(transformer, cfg)
     add_teacher_slot(transformer, teacher_rank)
     opts = {a: torch.optim.AdamW(cl.adapter_params(transformer, a), cfg.lr) for a in ("student", "critic")}
+    at_step = {}  # grad bytes each adapter holds when its optimiser step starts (apply_update frees them after it)
+    hooks = [o.register_step_pre_hook(lambda o, *_, a=a: at_step.update(  # dict.update: the hook must return None
+        {a: unique_bytes(p.grad for p in o.param_groups[0]["params"] if p.grad is not None)})) for a, o in opts.items()]
     gen = torch.Generator().manual_seed(0)
     rows = []
 
@@ -340,6 +352,8 @@ def check_on_cpu(rank: int, teacher_rank: int, layers: int, heads: int, side: in
                      random_inputs(c, n_side, n_txt, torch.float32, gen))
     cl.apply_update(F.mse_loss(v, torch.randn(v.shape, generator=gen)), opts["critic"], cfg.grad_clip)
     step_seconds = time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
     named = dict(transformer.named_parameters())
     of = {a: [p for n, p in named.items() if f".{a}." in n] for a in ("student", "critic", "teacher")}
     base = [p for n, p in named.items() if not any(f".{a}." in n for a in of)]
@@ -348,7 +362,9 @@ def check_on_cpu(rank: int, teacher_rank: int, layers: int, heads: int, side: in
     for a in ("student", "critic"):
         n = lora_params_with_grad(c, rank)
         row(f"{a} weights r={rank}", 4 * lora_params(c, rank), unique_bytes(of[a]))
-        row(f"{a} grads", 4 * n, unique_bytes(p.grad for p in of[a] if p.grad is not None))
+        row(f"{a} grads at its optimiser step", 4 * n, at_step[a])
+        row(f"{a} grads after both updates (apply_update frees them: set_to_none)", 0,
+            unique_bytes(p.grad for p in of[a] if p.grad is not None))
         row(f"{a} AdamW moments (+ step counters)", 8 * n, unique_bytes(
             s for p in of[a] for s in opts[a].state[p].values() if torch.is_tensor(s)))
     predicted = forward_activations(c, rank, n_img, n_txt, "fp32", False)
@@ -411,7 +427,7 @@ def fmt_gb(x: float) -> str:
 
 
 def fit(total: float) -> str:
-    fits = [f"{cap}" for cap in CARDS if total / GB <= cap - RESERVE_GB]
+    fits = [label for label, capacity in CARDS.items() if total <= capacity - RESERVE]  # bytes against bytes
     return f"{total / GB:,.1f} " + (f"(fits {fits[0]})" if fits else "(no)")
 
 
@@ -479,21 +495,23 @@ def main(argv=None):
     # -- fixed states --
     n_lora, n_trained = lora_params(c, args.rank), lora_params_with_grad(c, args.rank)
     base_b, teacher_b = nbytes(groups["base"]), nbytes(groups[f"teacher{args.teacher_rank[-1]}"])
-    trainable = 2 * (4 * n_lora + (4 + 8) * n_trained)  # student + critic: fp32 weights, grads, AdamW exp_avg + exp_avg_sq
+    trainable = 2 * (4 * n_lora + 8 * n_trained)  # student + critic: fp32 weights, AdamW exp_avg + exp_avg_sq (no grads)
     fixed = base_b + teacher_b + trainable
     cache = 2 * 2 * n_lora  # autocast's bf16 copies of student and critic: both run inside one autocast region
-    update = 4 * n_trained  # after a backward: AdamW's foreach step allocates sqrt(v) for every parameter it updates
+    grads = 4 * n_trained  # one adapter's fp32 grads: from its backward to the end of its step (apply_update frees them)
+    update = 4 * n_trained  # at the step, besides the grads: AdamW's foreach step allocates sqrt(v) for every parameter
     say("## Memory per GPU, one process\n")
     say(table(["state", "GB"], [
         ("base transformer (bf16)", fmt_gb(base_b)),
         (f"teacher slot r={args.teacher_rank[-1]} (bf16)", fmt_gb(teacher_b)),
         ("student + critic fp32 weights", fmt_gb(2 * 4 * n_lora)),
-        ("student + critic fp32 grads (apply_update frees a grad only at that optimiser's next step)", fmt_gb(2 * 4 * n_trained)),
         ("student + critic AdamW moments (fp32, 2 each)", fmt_gb(2 * 8 * n_trained)),
-        ("**fixed, all steps**", f"**{fmt_gb(fixed)}**"),
+        ("**fixed, all steps** (no grads: apply_update frees an adapter's grads right after its optimiser step)",
+         f"**{fmt_gb(fixed)}**"),
         ("while a loss is computed: autocast's bf16 copies of student + critic (cached while autocast is on)", fmt_gb(cache)),
-        ("after a backward: AdamW foreach step, sqrt(v) of the adapter (torchrun's average_gradients, at another "
-         "moment, holds the all-reduced grads and grad / K: the same size)", fmt_gb(update))]))
+        ("during an update, from its backward to the end of its optimiser step: that ONE adapter's fp32 grads "
+         "(torchrun's average_gradients all-reduces and divides them in place)", fmt_gb(grads)),
+        ("at the optimiser step, besides the grads: AdamW foreach step, sqrt(v) of the adapter", fmt_gb(update))]))
     say("")
 
     # -- activations --
@@ -512,52 +530,63 @@ def main(argv=None):
         "forward keeps L x N x d bf16 (each block's two input streams); the backward recomputes one block at a time. "
         f"N = image tokens (output + source, (side/16)^2 each) + {args.text_tokens} text tokens. The student update on "
         f"the effect stream keeps {args.graphs} forward graphs until its single backward (DMD on backward simulation, "
-        "target simulation, TA-FM); the critic update keeps 1. Peak of an update = graphs x kept + the larger of (a) "
-        f"the cast copies of student + critic ({fmt_gb(cache)} GB) at the end of the loss, (b) during the backward, "
-        "the working set (1 block without checkpointing: the gradients of the block being differentiated; 2 with: "
-        f"the recomputed block + its gradients) + the student's cast copies its graphs still hold ({fmt_gb(cache / 2)} "
-        "GB, none with checkpointing). The no-grad forwards (on-policy sample, teacher, fake score) free their "
-        "activations block by block: not in the peak.\n")
+        "target simulation, TA-FM); the critic update keeps 1. Activation peak of an update = graphs x kept + the "
+        f"larger of (a) the cast copies of student + critic ({fmt_gb(cache)} GB) at the end of the loss, (b) during the "
+        "backward, the working set (1 block without checkpointing: the activation gradients of the block being "
+        "differentiated; 2 with: the recomputed block + its activation gradients) + the student's cast copies its "
+        f"graphs still hold ({fmt_gb(cache / 2)} GB, none with checkpointing). No parameter gradients here: the "
+        f"adapter's ({fmt_gb(grads)} GB) are added to (b) in the per-GPU peak below (at (a) neither adapter has any). "
+        "The no-grad forwards (on-policy sample, teacher, fake score) free their activations block by block: not in "
+        "the peak.\n")
     acts, rows = {}, []
     for side in args.sides:
         n_img, n_txt = tokens(side, args.text_tokens)
         full = forward_activations(c, args.rank, n_img, n_txt, "cuda-bf16", False)
         ckpt = forward_activations(c, args.rank, n_img, n_txt, "cuda-bf16", True)
 
-        def peak(graphs, checkpointing):
+        def phases(graphs, checkpointing):
+            """(at the end of the loss: graphs + cast copies, during the backward: graphs + working set), bytes."""
             kept = (ckpt if checkpointing else full)["total"]
             working = (2 if checkpointing else 1) * full["one block"] + (0 if checkpointing else cache / 2)
-            return graphs * kept + max(cache, working)
-        acts[side] = {ck: peak(args.graphs, ck) for ck in (True, False)}
+            return graphs * kept + cache, graphs * kept + working
+        acts[side] = {ck: phases(args.graphs, ck) for ck in (True, False)}
         rows.append((f"{side}^2", f"{n_img:,} + {n_txt}", fmt_gb(full["one block"]), fmt_gb(full["total"]),
-                     fmt_gb(ckpt["total"]), fmt_gb(peak(1, False)), fmt_gb(peak(1, True)), fmt_gb(acts[side][False]),
-                     fmt_gb(acts[side][True])))
+                     fmt_gb(ckpt["total"]),
+                     *(fmt_gb(max(phases(g, ck))) for g in (1, args.graphs) for ck in (False, True))))
     say(table(["output", "tokens img + txt", "one block", "forward (no ckpt)", "forward (ckpt)",
                "critic update peak (no ckpt)", "critic update peak (ckpt)",
                f"student update peak, {args.graphs} graphs (no ckpt)", f"student update peak, {args.graphs} graphs (ckpt)"],
               rows))
-    say("\n(GB; the update peaks include the cast copies.)\n")
+    say("\n(GB; the update peaks include the cast copies, not the adapter's grads: those are in the per-GPU peak.)\n")
 
     # -- per-GPU table --
     block_gather = 2 * (base_b + 2 * 4 * n_lora) / c["num_layers"]  # FSDP2: 2 blocks unsharded (prefetch)
 
     def per_gpu(k, fsdp, side, ckpt):
-        """fixed + the larger of the student update's activation peak and the optimiser step's transient."""
-        if fsdp:
-            return (fixed - teacher_b) / k + teacher_b + block_gather + max(acts[side][ckpt], update / k)  # slot: whole
-        return fixed + max(acts[side][ckpt], update)
+        """fixed + the largest of the student update's three moments: the end of its loss (no grads yet), its backward
+        (+ all its grads: an upper bound, they fill in as the graphs are freed), its step (grads + sqrt(v), graphs gone)."""
+        loss_end, backward = acts[side][ckpt]
+        if fsdp:  # base, LoRAs, moments, grads and sqrt(v) sharded 1/K; the teacher slot whole; 2 blocks gathered
+            return ((fixed - teacher_b) / k + teacher_b + block_gather
+                    + max(loss_end, backward + grads / k, (grads + update) / k))
+        return fixed + max(loss_end, backward + grads, grads + update)
 
-    say(f"## Peak memory per GPU (GB; fits = at most card - {RESERVE_GB:.0f} GB; teacher slot r={args.teacher_rank[-1]})\n")
+    say(f"## Peak memory per GPU (GB = 1e9 bytes; fits N = peak at most card N - {RESERVE / GB:.0f} GB, card 80 = "
+        f"{CARDS['80']:,} bytes (H100 80GB: 81,559 MiB), card 141 = {CARDS['141']:,} bytes (H200: 143,771 MiB); "
+        f"teacher slot r={args.teacher_rank[-1]})\n")
     header = ["GPUs", "layout"] + [f"{s}^2 {'ckpt' if ck else 'no ckpt'}" for s in args.sides for ck in (True, False)]
     rows = [(k, "FSDP2 (--fsdp)" if fsdp else "data parallel (torchrun)",
              *(fit(per_gpu(k, fsdp, s, ck)) for s in args.sides for ck in (True, False)))
             for fsdp in (False, True) for k in (1, 2, 4, 8) if not (fsdp and k == 1)]
     say(table(header, rows))
     say(f"\nData parallel (collectionlora under torchrun): every GPU holds everything and draws its own edit (global batch "
-        f"K); per-GPU memory does not change with K. FSDP2 (collectionlora --fsdp: fully_shard per block + root): base, "
-        f"LoRA weights, grads and AdamW sharded 1/K, the teacher slot whole on every GPU, + 2 unsharded blocks "
-        f"({fmt_gb(block_gather)} GB) for the all-gather and its prefetch; activations and autocast's cast copies not "
-        f"sharded (counted as under autocast; --fsdp gathers the LoRAs in bf16, MixedPrecisionPolicy, which may drop them).\n")
+        f"K); per-GPU memory does not change with K. Peak = fixed + the largest of: the end of the student's loss (its "
+        f"graphs + the cast copies, no grads), its backward (graphs + working set + all its grads, {fmt_gb(grads)} GB), "
+        f"its AdamW step (grads + sqrt(v), {fmt_gb(grads + update)} GB). FSDP2 (collectionlora --fsdp: fully_shard per "
+        f"block + root): base, LoRA weights, grads and AdamW sharded 1/K, the teacher slot whole on every GPU, + 2 "
+        f"unsharded blocks ({fmt_gb(block_gather)} GB) for the all-gather and its prefetch; activations and autocast's "
+        f"cast copies not sharded (counted as under autocast; --fsdp gathers the LoRAs in bf16, MixedPrecisionPolicy, "
+        f"which may drop them).\n")
 
     # -- shared base vs the official layout --
     rows = []
@@ -579,7 +608,8 @@ def main(argv=None):
         say("## Check: predicted vs measured on a random mid-size model (CPU)\n")
         say(notes + "\n")
         say(table(["quantity", "predicted MB", "measured MB", "measured / predicted"],
-                  [(w, f"{pr / 1e6:,.2f}", f"{me / 1e6:,.2f}", f"{me / pr:.4f}") for w, pr, me in rows]))
+                  [(w, f"{pr / 1e6:,.2f}", f"{me / 1e6:,.2f}", f"{me / pr:.4f}" if pr else "both 0" if me == 0 else "NOT 0")
+                   for w, pr, me in rows]))
         say("\nMeasured = bytes of unique tensor storages: parameters, `.grad`, optimiser state; for activations "
             "everything autograd saves (saved_tensors_hooks), parameters excluded; with checkpointing, the block "
             "inputs the checkpoint keeps. The CUDA bf16 column above uses the CPU-checked formula with CUDA's "
