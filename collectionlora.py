@@ -887,8 +887,10 @@ def gather(obj) -> list:
 
 def average_gradients(params: list, finite: bool) -> bool:
     """DDP without its wrapper (student and critic share one module): gradients averaged over ranks; a non-finite rank sends NaN."""
-    if not dist.is_initialized() or isinstance(params[0], DTensor):  # --fsdp: averaged in the backward; a NaN reaches all norms
-        return finite or dist.is_initialized()
+    if not dist.is_initialized():
+        return finite
+    if isinstance(params[0], DTensor):  # --fsdp: the backward averaged them (reduce-scatter); a rank's NaN reaches every norm
+        return True
     for p in params:  # a LoRA the graph did not reach gets 0, as DDP's find_unused_parameters
         p.grad = p.grad if finite and p.grad is not None else torch.full_like(p, 0.0 if finite else torch.nan)
         dist.all_reduce(p.grad)
