@@ -1155,6 +1155,7 @@ def test_a_full_disk_is_one_line_leaves_no_tmp_and_resume_continues(teachers, tm
 
 
 def _in_group(rank, port, fn, *args):
+    torch.set_num_threads(1)  # forked after the parent's OpenMP pool started: a parallel region here would wait for ever
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cl.dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
