@@ -1332,6 +1332,13 @@ def test_effectbench_benchmark_refuses_an_unknown_option():
         eb.benchmark({"x": ("Do x", lambda im: im)}, 0, effect_steps=3)
 
 
+def test_effectbench_a_zero_count_is_one_line_exit_2_before_any_stage(tmp_path, capsys):
+    for flag in ("--fm_steps", "--distil_steps", "--seeds"):  # --fm_steps 0 and --distil_steps 0 fell back to the defaults
+        assert eb.main(["--effects", "2", flag, "0", "--root", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: {flag} 0 is below 1" in err and not any(tmp_path.iterdir())
+
+
 def test_effectbench_in_parallel_runs_each_stage_in_its_own_process_and_reports_a_failure(tmp_path):
     write = lambda i: (tmp_path / f"{i}.txt").write_text(str(os.getpid()))
     eb.in_parallel(2, [lambda i=i: write(i) for i in range(3)])
