@@ -1759,10 +1759,9 @@ def main(argv=None) -> int:
     if not args.quick and not 1 <= args.effects <= len(reg):
         print(f"error: --effects {args.effects} is not in 1..{len(reg)} (the registry's size) -- pass at most {len(reg)}", file=sys.stderr)
         return 2
-    for flag in ("vae_steps", "base_steps", "teacher_steps", "fm_steps", "distil_steps", "lightning_steps", "seeds", "images"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:  # 0 would fall back to a default (or divide by it)
-            print(f"error: --{flag} {getattr(args, flag)} is below 1 -- pass a positive count, or leave it out for the default",
-                  file=sys.stderr)
+    for flag in ("vae_steps", "base_steps", "teacher_steps", "fm_steps", "distil_steps", "lightning_steps", "seeds"):
+        if (value := getattr(args, flag)) is not None and value < 1:  # 0 would fall back to a default (or divide by it)
+            print(f"error: --{flag} {value} is below 1 -- pass a positive count, or leave it out for the default", file=sys.stderr)
             return 2
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs} is below 1 -- pass the number of processes to use (1 = one at a time)", file=sys.stderr)
