@@ -16,6 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+# one thread per process, children included: the tiny model's ops are too small to share, and the tests run several
+# processes side by side on a 2-core machine, where threads of different processes wait on each other
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 from peft.utils import set_peft_model_state_dict
