@@ -1325,6 +1325,18 @@ def test_effectbench_merges_cat_is_the_sum_svd_the_best_low_rank_and_one_teacher
             assert torch.allclose(merged[module], d, atol=1e-5 * float(d.abs().max()) + 1e-8), (m, module)
 
 
+def test_effectbench_energy_score_is_zero_for_exact_samples_and_half_the_distance_for_a_blend_or_one_mode():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 3, 8, 8, generator=g), torch.rand(3, 3, 8, 8, generator=g)  # two valid outputs of 3 sources
+    d = (a - b).pow(2).flatten(1).mean(1).sqrt().mean().item()  # their mean RMS distance
+    assert eb.energy_score(torch.cat([a, a]), a[None], 2) == pytest.approx(0.0, abs=1e-7)  # one output, hit by both seeds
+    assert eb.energy_score(torch.cat([a, b]), torch.stack([a, b]), 2) == pytest.approx(0.0, abs=1e-6)  # each mode once
+    blend = (a + b) / 2  # the mean of the two: no valid output, scored as badly as always the same one
+    assert eb.energy_score(torch.cat([blend, blend]), torch.stack([a, b]), 2) == pytest.approx(d / 2, rel=1e-5)
+    assert eb.energy_score(torch.cat([a, a]), torch.stack([a, b]), 2) == pytest.approx(d / 2, rel=1e-5)  # one mode only
+    assert eb.energy_score(a, a[None], 1) is None  # no spread term from one seed
+
+
 def test_effectbench_mode_coverage_is_the_normalised_entropy():
     assert eb.mode_coverage(torch.tensor([0, 1, 2, 3] * 5), 4) == pytest.approx(1.0)
     assert eb.mode_coverage(torch.tensor([2] * 9), 4) == pytest.approx(0.0)

@@ -35,6 +35,9 @@ scores the same whatever the VAE's own error (the VAE's round-trip PSNR is repor
     variant the output is nearest to (1 = all K variants equally often, 0 = always the same one);
   * bad-case ratio (BCR proxy): the output is nearer to another benchmark effect's valid output, or
     to the unedited source, than to any valid output of the requested effect;
+  * energy score: per source, E|output - valid| - E|output - output'| / 2 over the seeds (RMS pixel distance, valid
+    outputs drawn uniformly). Nearest-valid PSNR is a squared error, so it rewards a posterior mean (blur) over a sample;
+    the energy score is a proper score for samples, so it does not (README "Teachers that need CFG");
   * NFE (transformer calls per edit), wall time per edit (the stock pipeline call, batch 1, one
     CPU thread), adapter bytes (the LoRA files).
 Metrics are computed with a batched copy of the pipeline's loops (sample_teacher / sample_student);
@@ -1042,6 +1045,18 @@ def distances(out: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
     return (out[None] - refs).pow(2).flatten(2).mean(2)
 
 
+def energy_score(out: torch.Tensor, valid: torch.Tensor, seeds: int) -> float | None:
+    """The energy score of the samples against the valid outputs, per source, averaged (lower is better; None for 1 seed):
+    E|X - Y| - E|X - X'| / 2, X the method's samples, Y uniform over the K valid outputs, |.| the RMS pixel distance. It is a
+    proper score for distributions: a blend of the valid outputs, or a mean where a sample should be, scores worse than
+    samples of them, which nearest-valid PSNR (a squared error) rewards. out (seeds * n, ...) seed-major, valid (K, n, ...)."""
+    if seeds < 2:
+        return None
+    x, y = out.reshape(seeds, valid.shape[1], -1), valid.flatten(2)  # (S, n, D), (K, n, D)
+    rms = lambda a, b: (a[:, None] - b[None]).pow(2).mean(-1).sqrt()  # (A, B, n)
+    return float((rms(x, y).mean((0, 1)) - rms(x, x).sum((0, 1)) / (2 * seeds * (seeds - 1))).mean())
+
+
 @torch.no_grad()
 def evaluate(world: World, effects: list, pipe, methods: dict, seeds: int, reference: str, quiet: bool = False) -> dict:
     """Every method on every (effect, held-out source, seed); metrics in pixel space (module docstring).
@@ -1075,7 +1090,7 @@ def evaluate(world: World, effects: list, pipe, methods: dict, seeds: int, refer
             res[m] = {"psnr_valid": float((10 * torch.log10(1 / best.clamp_min(1e-10))).mean()),
                       "psnr_vs_teacher": float(psnr(out, decoded[reference]).mean()),
                       "bad_case": float((nearest_wrong < best).float().mean()),
-                      "coverage": mode_coverage(mode, e.K) if e.K > 1 else None,
+                      "coverage": mode_coverage(mode, e.K) if e.K > 1 else None, "energy": energy_score(out, own, seeds),
                       "nfe": nfe, "batch_seconds_per_edit": secs / len(out)}
         results[e.name] = res
         pictures[e.name] = {"source": test[0], "valid": own[0, 0], **{m: out[0] for m, out in decoded.items()}}
@@ -1209,23 +1224,23 @@ def summarise(results: dict, methods: list) -> dict:
     rows = {}
     for m in methods:
         per = [r[m] for r in results.values() if m in r]
-        cov = [p["coverage"] for p in per if p.get("coverage") is not None]
-        rows[m] = {k: sum(p[k] for p in per) / len(per) for k in per[0] if k not in ("coverage", "nfe", "batch_seconds_per_edit")}
-        rows[m]["coverage"] = sum(cov) / len(cov) if cov else None
+        rows[m] = {k: sum(p[k] for p in per) / len(per) for k in per[0] if k not in ("coverage", "energy", "nfe", "batch_seconds_per_edit")}
+        for k in ("coverage", "energy"):  # None where undefined (one output, one seed): averaged over the rest
+            rows[m][k] = sum(v) / len(v) if (v := [p[k] for p in per if p.get(k) is not None]) else None
         if "nfe" in per[0]:
             rows[m]["nfe"] = per[0]["nfe"]
     return rows
 
 
 def markdown_table(rows: dict, extra: dict) -> str:
-    lines = ["| method | PSNR to nearest valid (dB) ↑ | PSNR vs teacher (dB) ↑ | mode coverage ↑ | bad-case ratio ↓ | NFE | s / edit (stock pipe, CPU) | adapter bytes |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | PSNR to nearest valid (dB) ↑ | PSNR vs teacher (dB) ↑ | mode coverage ↑ | bad-case ratio ↓ | energy score ↓ | NFE | "
+             "s / edit (stock pipe, CPU) | adapter bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in rows.items():
-        cov = "–" if r["coverage"] is None else f"{r['coverage']:.2f}"
+        cov, energy = ("–" if r.get(k) is None else f"{r[k]:.{d}f}" for k, d in (("coverage", 2), ("energy", 4)))
         x = extra.get(m, {})
         vs_teacher = "reference" if r["psnr_vs_teacher"] >= 99 else f"{r['psnr_vs_teacher']:.2f}"  # the Teacher row itself
         secs = f"{x['seconds']:.3f}" if "seconds" in x else "–"
-        lines.append(f"| {m} | {r['psnr_valid']:.2f} | {vs_teacher} | {cov} | {r['bad_case']:.3f} | {r['nfe']} | "
+        lines.append(f"| {m} | {r['psnr_valid']:.2f} | {vs_teacher} | {cov} | {r['bad_case']:.3f} | {energy} | {r['nfe']} | "
                      f"{secs} | {x.get('bytes', '–')} |")
     return "\n".join(lines)
 
