@@ -1048,8 +1048,9 @@ def distances(out: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
 def energy_score(out: torch.Tensor, valid: torch.Tensor, seeds: int) -> float | None:
     """The energy score of the samples against the valid outputs, per source, averaged (lower is better; None for 1 seed):
     E|X - Y| - E|X - X'| / 2, X the method's samples, Y uniform over the K valid outputs, |.| the RMS pixel distance. It is a
-    proper score for distributions: a blend of the valid outputs, or a mean where a sample should be, scores worse than
-    samples of them, which nearest-valid PSNR (a squared error) rewards. out (seeds * n, ...) seed-major, valid (K, n, ...)."""
+    proper score for distributions: it is lowest for samples of the valid outputs in their proportions, so a mean where a
+    sample should be (blur, which nearest-valid PSNR, a squared error, rewards) scores worse, and so do a blend of the valid
+    outputs and always the same one. out (seeds * n, ...) seed-major, valid (K, n, ...)."""
     if seeds < 2:
         return None
     x, y = out.reshape(seeds, valid.shape[1], -1), valid.flatten(2)  # (S, n, D), (K, n, D)
@@ -1398,8 +1399,11 @@ DISTIL_KNOBS = {"rank": 64, "alpha": 64, "warmup_lr": 1e-3, "lr": 1e-4, "critic_
 WARMUP_PER_EFFECT = 3000
 # --extend K: per new effect, warm-start and full-objective iterations (a fresh run: 1,500 and 375 per effect, for all)
 EXTEND_WARMUP_PER_NEW, EXTEND_FULL_PER_NEW = 2000, 250
-# The paper's ablations, each one knob away from the full method (w/o TA-FM: no flow matching on teacher outputs at all)
-ABLATIONS = {"no_pdsr": {"p_switch": 1.0}, "no_aop": {"aop": False}, "no_ts": {"w_ts": 0.0}, "no_tafm": {"w_fm": 0.0, "warmup": 0}}
+# The paper's ablations, each one knob away from the full method (w/o TA-FM: no flow matching on teacher outputs at all),
+# and, asked for by name only, DMD alone: neither TS nor TA-FM nor the warm start (issue 11, part 2)
+ABLATIONS = {"no_pdsr": {"p_switch": 1.0}, "no_aop": {"aop": False}, "no_ts": {"w_ts": 0.0}, "no_tafm": {"w_fm": 0.0, "warmup": 0},
+             "dmd_only": {"w_ts": 0.0, "w_fm": 0.0, "warmup": 0}}
+PAPER_ABLATIONS = ["no_pdsr", "no_aop", "no_ts", "no_tafm"]
 
 
 def export_toy(world: World, base: Path, folder: Path, teacher_steps: int, seed: int, lightning_steps: int, work: Path) -> None:
@@ -1445,7 +1449,7 @@ def parser() -> argparse.ArgumentParser:
                    "(report/curve.png; 0 = a sixth of the run)")
     p.add_argument("--lightning_steps", type=int, default=1500, help="iterations of the Lightning LoRA (general stream only)")
     p.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), default=None,
-                   help="distil these ablations too (no names: all four; default: all four, none with --quick)")
+                   help="distil these ablations too (no names: the paper's four; default: those four, none with --quick)")
     p.add_argument("--no-ablations", dest="no_ablations", action="store_true", help="distil no ablation")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes for the independent stages (teachers; students, FM, Lightning), one core each")
@@ -1575,7 +1579,7 @@ def run(spec: dict, args) -> dict:
     if args.no_ablations or chosen is False or (chosen is None and args.quick):
         ablations = []
     else:
-        ablations = list(ABLATIONS) if chosen in (None, True, []) else list(chosen)
+        ablations = PAPER_ABLATIONS if chosen in (None, True, []) else list(chosen)
     students = {name: (root / tag / (distil_name + ("" if name == "collectionlora" else "_" + name)),
                        knobs | change | {"max_steps": distil_steps - warmup + change.get("warmup", warmup)})  # same full steps
                 for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]}
