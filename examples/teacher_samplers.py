@@ -13,6 +13,9 @@ student's 8-step sampler, no CFG). About 32 min on one core.
 `mmse` asks why teacher_8 wins: the 8-step sampler ends with an x0 prediction from sigma = 0.3, a posterior mean, and nearest-
 valid PSNR (an MSE) favours a mean over a sample. So the 40-step ODE is also run to sigma 0.3 and finished with one x0
 prediction (teacher_40_x0@0.3). About 3 min.
+
+`spread` splits the energy score of a `--quick` run's rows (teacher_8, fm_teacher_8, collectionlora_8) into its two terms:
+accuracy E|X - Y| and spread E|X - X'| over the seeds (python examples/teacher_samplers.py spread --run <its folder>).
 """
 import argparse
 import sys
@@ -114,8 +117,40 @@ def mmse_probe() -> None:
     report("the embedded toy teachers; per effect: " + " ".join(eb.TOY_EFFECTS), r, methods)
 
 
+@torch.no_grad()
+def spread_probe(run: Path, seeds: int = 4) -> None:
+    """The energy score's two terms for a --quick run's rows: accuracy E|X - Y| and spread E|X - X'| over the seeds."""
+    registry, student = eb.effect_registry(), next(run.glob("distil_*_gw/lora"))
+    world = eb.build_world({k: registry[k] for k in eb.QUICK_EFFECTS}, 0)
+    prompts = eb.student_prompts(student)
+    methods = {"teacher_8": eb.Method(lambda e: [e.name]), "fm_teacher_8": eb.Method(lambda e: ["fm_teacher"], prompts),
+               "collectionlora_8": eb.Method(lambda e: ["collectionlora"], prompts)}
+    with eb.bench_sizes():
+        pipe = eb.load_all(eb.TOY / "base", world.effects, run / "teachers", {"collectionlora": student,
+                                                                               "fm_teacher": next(run.glob("fm_teacher_lora_g1_k4"))})
+        test, n = world.test, len(world.test)
+        src, empty = eb.pack(pipe, test), eb.encode_prompts(pipe, test, [""] * n)
+        noise = torch.randn((seeds * n, *src.shape[1:]), generator=torch.Generator().manual_seed(1))  # as evaluate()
+        rep = lambda t: t.repeat(seeds, *[1] * (t.ndim - 1))
+        print(f"{'':18s} " + " ".join(f"{e.name:>22s}" for e in world.effects) + "   (E|X-Y| / E|X-X'|, RMS pixel distance)")
+        for m, spec in methods.items():
+            cells = []
+            for e in world.effects:
+                p = eb.encode_prompts(pipe, test, [spec.prompts[e.name] if spec.prompts else e.instruction] * n)
+                x, _, _ = eb.run_method(pipe, spec, e, noise, rep(src), eb.Prompts(rep(p.embeds), rep(p.mask)),
+                                        eb.Prompts(rep(empty.embeds), rep(empty.mask)), None)
+                rt = lambda im: eb.unpack(pipe, eb.pack(pipe, im))
+                valid = torch.stack([rt(torch.stack([e.fn(s, v) for s in test])) for v in range(e.K)]).flatten(2)  # (K, n, D)
+                out = eb.unpack(pipe, x).reshape(seeds, n, -1)
+                rms = lambda a, b: (a[:, None] - b[None]).pow(2).mean(-1).sqrt()
+                cells.append(f"{rms(out, valid).mean():.4f} / {rms(out, out).sum((0, 1)).mean() / (seeds * (seeds - 1)):.4f}")
+            print(f"{m:18s} " + " ".join(f"{c:>22s}" for c in cells), flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["cfg", "mmse"])
+    p.add_argument("probe", choices=["cfg", "mmse", "spread"])
+    p.add_argument("--run", default="runs/effectbench/seed0/quick_t600_toy", help="spread: a --quick run's folder")
     torch.set_num_threads(1)
-    (cfg_probe if p.parse_args().probe == "cfg" else mmse_probe)()
+    args = p.parse_args()
+    {"cfg": cfg_probe, "mmse": mmse_probe, "spread": lambda: spread_probe(Path(args.run))}[args.probe]()
