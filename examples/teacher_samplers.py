@@ -15,7 +15,8 @@ valid PSNR (an MSE) favours a mean over a sample. So the 40-step ODE is also run
 prediction (teacher_40_x0@0.3). About 3 min.
 
 `spread` splits the energy score of a `--quick` run's rows (teacher_8, fm_teacher_8, collectionlora_8) into its two terms:
-accuracy E|X - Y| and spread E|X - X'| over the seeds (python examples/teacher_samplers.py spread --run <its folder>).
+accuracy E|X - Y| and spread E|X - X'| over the seeds (python examples/teacher_samplers.py spread --run <its folder>;
+--train: on 16 of the sources the distiller trained on).
 """
 import argparse
 import sys
@@ -118,8 +119,9 @@ def mmse_probe() -> None:
 
 
 @torch.no_grad()
-def spread_probe(run: Path, seeds: int = 4) -> None:
-    """The energy score's two terms for a --quick run's rows: accuracy E|X - Y| and spread E|X - X'| over the seeds."""
+def spread_probe(run: Path, seeds: int = 4, train: bool = False) -> None:
+    """The energy score's two terms for a --quick run's rows: accuracy E|X - Y| and spread E|X - X'| over the seeds; on the
+    16 held-out sources, or (train) on the first 16 of the 32 sources the distiller trained on."""
     registry, student = eb.effect_registry(), next(run.glob("distil_*_gw/lora"))
     world = eb.build_world({k: registry[k] for k in eb.QUICK_EFFECTS}, 0)
     prompts = eb.student_prompts(student)
@@ -128,7 +130,8 @@ def spread_probe(run: Path, seeds: int = 4) -> None:
     with eb.bench_sizes():
         pipe = eb.load_all(eb.TOY / "base", world.effects, run / "teachers", {"collectionlora": student,
                                                                                "fm_teacher": next(run.glob("fm_teacher_lora_g1_k4"))})
-        test, n = world.test, len(world.test)
+        test = world.train[: len(world.test)] if train else world.test
+        n = len(test)
         src, empty = eb.pack(pipe, test), eb.encode_prompts(pipe, test, [""] * n)
         noise = torch.randn((seeds * n, *src.shape[1:]), generator=torch.Generator().manual_seed(1))  # as evaluate()
         rep = lambda t: t.repeat(seeds, *[1] * (t.ndim - 1))
@@ -151,6 +154,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("probe", choices=["cfg", "mmse", "spread"])
     p.add_argument("--run", default="runs/effectbench/seed0/quick_t600_toy", help="spread: a --quick run's folder")
+    p.add_argument("--train", action="store_true", help="spread: on sources the distiller trained on, not held-out ones")
     torch.set_num_threads(1)
     args = p.parse_args()
-    {"cfg": cfg_probe, "mmse": mmse_probe, "spread": lambda: spread_probe(Path(args.run))}[args.probe]()
+    {"cfg": cfg_probe, "mmse": mmse_probe, "spread": lambda: spread_probe(Path(args.run), train=args.train)}[args.probe]()
