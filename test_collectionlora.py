@@ -1337,6 +1337,18 @@ def test_effectbench_energy_score_is_zero_for_exact_samples_and_half_the_distanc
     assert eb.energy_score(a, a[None], 1) is None  # no spread term from one seed
 
 
+def test_effectbench_part_2_bar_needs_the_energy_score_at_or_below_the_teachers_8_steps_and_fm_on_their_outputs():
+    row = lambda psnr, energy: {"psnr_valid": psnr, "bad_case": 0.0, "coverage": None, "energy": energy}
+    walls = {"seconds_teacher_40_cfg": 1.0, "seconds_collectionlora_8": 0.1}
+    bar = "energy score <= the teacher's 8 plain steps and FM on its outputs"
+    for ours, passed in ((0.05, True), (0.06, True), (0.061, False)):  # the teacher's 8 steps 0.07, FM on its outputs 0.06
+        rows = {"teacher_40_g1": row(26.0, 0.05), "teacher_8": row(28.0, 0.07), "fm_teacher_8": row(26.0, 0.06),
+                "fm_teacher+lightning_8": row(18.0, 0.1), "merge_cat+lightning_8": row(12.0, 0.2), "collectionlora_8": row(25.0, ours)}
+        assert eb.check_bars(rows, {}, walls, [])[bar]["passed"] is passed
+    rows["teacher_8"]["energy"] = None  # a run measured with one seed has no energy score: no bar, rather than a wrong one
+    assert bar not in eb.check_bars(rows, {}, walls, [])
+
+
 def test_effectbench_mode_coverage_is_the_normalised_entropy():
     assert eb.mode_coverage(torch.tensor([0, 1, 2, 3] * 5), 4) == pytest.approx(1.0)
     assert eb.mode_coverage(torch.tensor([2] * 9), 4) == pytest.approx(0.0)

@@ -1260,8 +1260,9 @@ def best_rows(rows: dict) -> tuple:
 
 def check_bars(rows: dict, general: dict, walls: dict, ablations: list) -> dict:
     """The goals (issue 11), each as (passed, the numbers it compares). Fidelity: within 2 dB of the teacher's best row
-    is the N = 10 goal, within 3 dB the --quick and N = 50 one; an ablation must be worse by more than the noise, on the
-    effects or (`general`: the same metrics on the general edits, what PDSR is for) on general editing."""
+    is the N = 10 goal, within 3 dB the --quick and N = 50 one; part 2's bar, on the energy score (PSNR favours the
+    8-step sampler's final x0); an ablation must be worse by more than the noise, on the effects or (`general`: the same
+    metrics on the general edits, what PDSR is for) on general editing."""
     teacher, merge = best_rows(rows)
     ours, t, fm_t = rows["collectionlora_8"], rows[teacher], rows["fm_teacher+lightning_8"]
     gap = t["psnr_valid"] - ours["psnr_valid"]
@@ -1275,6 +1276,9 @@ def check_bars(rows: dict, general: dict, walls: dict, ablations: list) -> dict:
     if ours["coverage"] is not None:
         bars["mode coverage >= the teacher's - 0.05"] = (ours["coverage"] >= t["coverage"] - 0.05,
                                                          f"{ours['coverage']:.2f} vs {t['coverage']:.2f}")
+    if None not in (e := [rows[m].get("energy") for m in ("collectionlora_8", "teacher_8", "fm_teacher_8")]):  # part 2's bar
+        bars["energy score <= the teacher's 8 plain steps and FM on its outputs"] = (
+            e[0] <= min(e[1:]), f"{e[0]:.4f} vs {e[1]:.4f} (teacher_8), {e[2]:.4f} (fm_teacher_8)")
     for a in ablations:  # worse by more than the noise measured between runs: 1 dB, or 0.1 in coverage or BCR
         r, g, g_ours = rows[a], general[a], general["collectionlora_8"]
         worse = [k for k, w in (("PSNR", r["psnr_valid"] < ours["psnr_valid"] - 1), ("BCR", r["bad_case"] > ours["bad_case"] + 0.1),
