@@ -1048,9 +1048,9 @@ def distances(out: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
 def energy_score(out: torch.Tensor, valid: torch.Tensor, seeds: int) -> float | None:
     """The energy score of the samples against the valid outputs, per source, averaged (lower is better; None for 1 seed):
     E|X - Y| - E|X - X'| / 2, X the method's samples, Y uniform over the K valid outputs, |.| the RMS pixel distance. It is a
-    proper score for distributions: it is lowest for samples of the valid outputs in their proportions, so a mean where a
-    sample should be (blur, which nearest-valid PSNR, a squared error, rewards) scores worse, and so do a blend of the valid
-    outputs and always the same one. out (seeds * n, ...) seed-major, valid (K, n, ...)."""
+    proper score for distributions: in expectation it is lowest for samples of the valid outputs in their proportions, so
+    a mean where a sample should be (blur, which nearest-valid PSNR, a squared error, rewards) scores worse, and so do a
+    blend of the valid outputs and always the same one. out (seeds * n, ...) seed-major, valid (K, n, ...)."""
     if seeds < 2:
         return None
     x, y = out.reshape(seeds, valid.shape[1], -1), valid.flatten(2)  # (S, n, D), (K, n, D)
