@@ -1583,7 +1583,7 @@ def run(spec: dict, args) -> dict:
     if args.no_ablations or chosen is False or (chosen is None and args.quick):
         ablations = []
     else:
-        ablations = PAPER_ABLATIONS if chosen in (None, True, []) else list(chosen)
+        ablations = list(PAPER_ABLATIONS) if chosen in (None, True, []) else list(chosen)
     students = {name: (root / tag / (distil_name + ("" if name == "collectionlora" else "_" + name)),
                        knobs | change | {"max_steps": distil_steps - warmup + change.get("warmup", warmup)})  # same full steps
                 for name, change in [("collectionlora", {})] + [(a, ABLATIONS[a]) for a in ablations]}
