@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     world = eb.build_world({k: registry[k] for k in eb.QUICK_EFFECTS}, 0)
     with eb.bench_sizes():
         pipe = eb.load_all(eb.TOY / "base", world.effects, run / "teachers", {"variant": out / "lora", "quick": student / "lora"})
-        prompts = eb.student_prompts(out / "lora")
-        methods = {"quick": eb.Method(lambda e: ["quick"], prompts), args.name: eb.Method(lambda e: ["variant"], prompts)}
+        methods = {"quick": eb.Method(lambda e: ["quick"], eb.student_prompts(student / "lora")),  # each its own prompts
+                   args.name: eb.Method(lambda e: ["variant"], eb.student_prompts(out / "lora"))}
         r = eb.evaluate(world, world.effects, pipe, methods, 4, "quick", quiet=True)["results"]
     for m, row in eb.summarise(r, list(methods)).items():
         print(f"{m:12s} PSNR {row['psnr_valid']:.2f} coverage {row['coverage']:.2f} BCR {row['bad_case']:.3f} energy "
