@@ -18,7 +18,9 @@ change into collectionlora for this process, for experiments that have no knob: 
 alone), decay (the student's lr falls linearly to 0 after the warm start), reseed (other noise after the resume),
 critic_first (the first 500 steps after the warm start train the critic alone: the fake score learns the student's
 samples before DMD follows it), beta1 (the student's Adam beta1 0.9, the official value, after the resume: its
-updates average the gradients of about 10 student steps instead of following each batch's).
+updates average the gradients of about 10 student steps instead of following each batch's), dmd_sigma_uniform / dmd_sigma_low
+(the noise level DMD's real and fake scores see, ~ U(0, 1) or U(0, 0.5) instead of U(0, 1) shifted by 3: half its draws
+above 0.75, where its step points least towards the truth, examples/diagnose.py).
 """
 import argparse
 import dataclasses
@@ -49,7 +51,8 @@ def main(argv=None):
     p.add_argument("--start", default="", help="RUN/STEP: continue from that run's checkpoint (under --root)")
     p.add_argument("--effects", default="", help="comma-separated subset of the --quick effects, e.g. the three one-output ones; "
                    "each keeps its AOP trigger only if every effect sorted before it is kept")
-    p.add_argument("--variant", choices=("", "fmonly", "decay", "reseed", "critic_first", "beta1"), default="", help="a patched change (see above)")
+    p.add_argument("--variant", choices=("", "fmonly", "decay", "reseed", "critic_first", "beta1", "dmd_sigma_uniform", "dmd_sigma_low"),
+                   default="", help="a patched change (see above)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     root, knobs = Path(args.root), json.loads(args.knobs)
@@ -118,6 +121,9 @@ def patch(variant: str) -> None:
         load = cl.load_checkpoint
         cl.load_checkpoint = lambda path, tr, o1, o2, gen: (load(path, tr, o1, o2, gen), o1.param_groups[0].update(
             betas=(0.9, o1.param_groups[0]["betas"][1])))[0]
+    elif variant.startswith("dmd_sigma_"):  # DMD's noise level (backward and target simulation) ~ U(0, 1) or U(0, 0.5), unshifted
+        term, top = cl.dmd_term, 1.0 if variant == "dmd_sigma_uniform" else 0.5
+        cl.dmd_term = lambda tr, x0_hat, b, sigma, cfg, gen: term(tr, x0_hat, b, top * torch.rand((), generator=gen, device=gen.device), cfg, gen)
     elif variant == "reseed":
         load = cl.load_checkpoint
         cl.load_checkpoint = lambda path, tr, o1, o2, gen: (load(path, tr, o1, o2, gen), gen.manual_seed(12345))[0]

@@ -1129,7 +1129,8 @@ def checkpoint_curve(world: World, effects: list, pipe, out: Path, adapter: str,
         set_peft_model_state_dict(pipe.transformer, state, adapter_name=adapter)
         results = evaluate(world, effects, pipe, methods, seeds, "teacher_8", quiet=True)["results"]
         rows = summarise(results, ["student"])
-        points.append({"step": step} | rows["student"] | {"per_effect": {e: r["student"]["psnr_valid"] for e, r in results.items()}})
+        points.append({"step": step} | rows["student"] | {"per_effect": {e: r["student"]["psnr_valid"] for e, r in results.items()},
+                                                           "per_effect_energy": {e: r["student"]["energy"] for e, r in results.items()}})
         log(f"curve {out.name} step {step}: {rows['student']['psnr_valid']:.2f} dB, BCR {rows['student']['bad_case']:.3f}")
     set_peft_model_state_dict(pipe.transformer, final, adapter_name=adapter)
     cache.write_text(json.dumps(points, indent=2))
