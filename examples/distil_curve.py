@@ -7,7 +7,8 @@ run (LoRA init, router, noise, teacher targets) while the held-out sources stay 
 effect K source images (effectbench --images). The run goes to
 runs/curves/NAME (teacher targets cached in runs/curves/cache, shared by every run), then the student of every kept
 checkpoint is measured like the bench's rows (16 held-out sources x 4 seeds) and printed as one JSON line:
-[step, PSNR to the nearest valid output, mode coverage, bad-case ratio], then the final student's general edits
+[step, PSNR to the nearest valid output, mode coverage, bad-case ratio, energy score] (curve.json also keeps them per
+effect), then the final student's general edits
 (effectbench.evaluate_general: [PSNR, bad-case ratio] beside the base's). The README's convergence table came from this.
 --general_images N gives the general stream N pictures (the shipped 16, then more train sources, instructions cycled).
 
@@ -96,7 +97,8 @@ def main(argv=None):
     general_edits = eb.evaluate_general(world, pipe, {"student": ["collectionlora"]}, 4, k["guidance"])["summary"]
     curve = eb.checkpoint_curve(world, world.effects, pipe, out, "collectionlora", seeds=4)
     print(json.dumps({"name": args.name, "knobs": knobs, "distil_seconds": round(seconds),
-                      "curve": [(c["step"], round(c["psnr_valid"], 2), round(c["coverage"] or 0, 2), round(c["bad_case"], 3))
+                      "curve": [(c["step"], round(c["psnr_valid"], 2), round(c["coverage"] or 0, 2), round(c["bad_case"], 3),
+                                 c.get("energy") and round(c["energy"], 4))  # None in a curve.json cached before the score
                                 for c in curve],
                       "general_edits": {m: (round(r["psnr_valid"], 2), round(r["bad_case"], 3)) for m, r in general_edits.items()}}))
 
