@@ -21,11 +21,16 @@ critic_first (the first 500 steps after the warm start train the critic alone: t
 samples before DMD follows it), beta1 (the student's Adam beta1 0.9, the official value, after the resume: its
 updates average the gradients of about 10 student steps instead of following each batch's), dmd_sigma_uniform / dmd_sigma_low
 (the noise level DMD's real and fake scores see, ~ U(0, 1) or U(0, 0.5) instead of U(0, 1) shifted by 3: half its draws
-above 0.75, where its step points least towards the truth, examples/diagnose.py).
+above 0.75, where its step points least towards the truth, examples/diagnose.py), untargeted (with --images K > 32: the
+sources past the shipped 32 get no teacher output, never computed; a batch with any of them is trained like the general
+stream, DMD alone with the effect's teacher as the real score: what distribution matching can learn from sources alone),
+untargeted_half (the same, and half the effect-stream batches, by a coin per step, are drawn from the 32 sources with
+teacher outputs: the full objective there). Variants combine with "+", e.g. untargeted+reseed.
 """
 import argparse
 import dataclasses
 import json
+import random
 import shutil
 import sys
 import time
@@ -52,9 +57,10 @@ def main(argv=None):
     p.add_argument("--start", default="", help="RUN/STEP: continue from that run's checkpoint (under --root)")
     p.add_argument("--effects", default="", help="comma-separated subset of the --quick effects, e.g. the three one-output ones; "
                    "each keeps its AOP trigger only if every effect sorted before it is kept")
-    p.add_argument("--variant", choices=("", "fmonly", "decay", "reseed", "critic_first", "beta1", "dmd_sigma_uniform", "dmd_sigma_low"),
-                   default="", help="a patched change (see above)")
+    p.add_argument("--variant", default="", help="a patched change (see above); several joined by +")
     args = p.parse_args(argv)
+    if unknown := set(args.variant.split("+")) - set(VARIANTS) - {""}:
+        p.error(f"--variant: {', '.join(sorted(unknown))} unknown (choose from {', '.join(VARIANTS)}, joined by +)")
     torch.set_num_threads(1)
     root, knobs = Path(args.root), json.loads(args.knobs)
     teachers, general, base = root / "quick_teachers", eb.TOY / "general", eb.TOY / "base"
@@ -90,7 +96,8 @@ def main(argv=None):
         run, step = args.start.rsplit("/", 1)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copy(root / run / "checkpoints" / f"step_{int(step):08d}.pt", out / "checkpoints")
-    patch(args.variant)
+    for variant in args.variant.split("+"):
+        patch(variant, k["targets_per_image"])
     eb.stage_distil(teachers, general, base, out, args.seed, **k)
     seconds = time.time() - t0
     pipe = eb.load_all(base, world.effects, teachers, {"collectionlora": out / "lora"})
@@ -104,9 +111,10 @@ def main(argv=None):
 
 
 CRITIC_FIRST = 500
+VARIANTS = ("fmonly", "decay", "reseed", "critic_first", "beta1", "dmd_sigma_uniform", "dmd_sigma_low", "untargeted", "untargeted_half")
 
 
-def patch(variant: str) -> None:
+def patch(variant: str, targets_per_image: int) -> None:
     """Experiment-only changes without a knob, patched into collectionlora for this process."""
     cl = eb.cl
     if variant == "fmonly":
@@ -126,6 +134,44 @@ def patch(variant: str) -> None:
     elif variant.startswith("dmd_sigma_"):  # DMD's noise level (backward and target simulation) ~ U(0, 1) or U(0, 0.5), unshifted
         term, top = cl.dmd_term, 1.0 if variant == "dmd_sigma_uniform" else 0.5
         cl.dmd_term = lambda tr, x0_hat, b, sigma, cfg, gen: term(tr, x0_hat, b, top * torch.rand((), generator=gen, device=gen.device), cfg, gen)
+    elif variant.startswith("untargeted"):  # sources past the shipped IMAGES have no teacher output: DMD alone on them
+        target_of, init_of, batch_of, loss_of, route_of = (cl.teacher_target, cl.EditData.__init__, cl.EditData.batch, cl.student_loss,
+                                                           cl.Router.route)
+
+        def untargeted(image_path) -> bool:  # with_images names the sources 0.png, 1.png, ...: the shipped ones first
+            return int(Path(image_path).stem) >= eb.IMAGES
+
+        def teacher_target(pipe, bank, index, image_path, cfg, *rest, **kw):  # a placeholder of the output's shape, never read
+            if index >= 0 and untargeted(image_path):
+                return torch.zeros(cl.cached_encode(pipe, image_path, "", cfg).image_latents.shape)
+            return target_of(pipe, bank, index, image_path, cfg, *rest, **kw)
+
+        def init(self, *args):  # each pool in the order of the names' numbers: the sources with teacher outputs are pool[:IMAGES]
+            init_of(self, *args)
+            self.pools = [sorted(pool, key=lambda path: int(path.stem)) for pool in self.pools]
+
+        def batch(self, r, device):
+            b = batch_of(self, r, device)
+            if r.stream == "effect" and any(untargeted(self.pools[r.effect][s % len(self.pools[r.effect])]) for s in r.sources):
+                b.target = None  # no teacher output in this batch
+            return b
+
+        def student_loss(transformer, b, sigmas, cfg, gen):  # an effect batch without teacher outputs: the DMD term alone
+            if b.target is not None or not b.teacher_adapter:
+                return loss_of(transformer, b, sigmas, cfg, gen)
+            x0_hat = cl.on_policy_x0(transformer, b.student, sigmas, gen)
+            losses = {"dmd": cl.dmd_term(transformer, x0_hat, b, cl.draw_sigma(gen, 0.0, cfg.shift)[1], cfg, gen)}
+            cl.use_adapter(transformer, "student")
+            return losses
+
+        def route(self, step):  # untargeted_half: a coin per step sends the effect batch to the sources with teacher outputs
+            r = route_of(self, step)
+            if variant == "untargeted_half" and r.stream == "effect" and random.Random(f"{self.seed}/targeted/{step}").random() < 0.5:
+                n = self.pool_sizes[r.effect] // targets_per_image  # the pool's sources; index s: source s % n, target s // n
+                r = r._replace(sources=tuple(s // n * n + s % n % eb.IMAGES for s in r.sources))
+            return r
+        cl.teacher_target, cl.EditData.batch, cl.student_loss, cl.Router.route = teacher_target, batch, student_loss, route
+        cl.EditData.__init__ = init
     elif variant == "reseed":
         load = cl.load_checkpoint
         cl.load_checkpoint = lambda path, tr, o1, o2, gen: (load(path, tr, o1, o2, gen), gen.manual_seed(12345))[0]
