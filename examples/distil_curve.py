@@ -25,7 +25,8 @@ above 0.75, where its step points least towards the truth, examples/diagnose.py)
 sources past the shipped 32 get no teacher output, never computed; a batch with any of them is trained like the general
 stream, DMD alone with the effect's teacher as the real score: what distribution matching can learn from sources alone),
 untargeted_half (the same, and half the effect-stream batches, by a coin per step, are drawn from the 32 sources with
-teacher outputs: the full objective there). Variants combine with "+", e.g. untargeted+reseed.
+teacher outputs: the full objective there), dmd_half (its control without new sources: the same coin, and the other
+half of the effect batches trained with DMD alone on the same sources). Variants combine with "+", e.g. untargeted+reseed.
 """
 import argparse
 import dataclasses
@@ -111,7 +112,7 @@ def main(argv=None):
 
 
 CRITIC_FIRST = 500
-VARIANTS = ("fmonly", "decay", "reseed", "critic_first", "beta1", "dmd_sigma_uniform", "dmd_sigma_low", "untargeted", "untargeted_half")
+VARIANTS = ("fmonly", "decay", "reseed", "critic_first", "beta1", "dmd_sigma_uniform", "dmd_sigma_low", "untargeted", "untargeted_half", "dmd_half")
 
 
 def patch(variant: str, targets_per_image: int) -> None:
@@ -134,9 +135,11 @@ def patch(variant: str, targets_per_image: int) -> None:
     elif variant.startswith("dmd_sigma_"):  # DMD's noise level (backward and target simulation) ~ U(0, 1) or U(0, 0.5), unshifted
         term, top = cl.dmd_term, 1.0 if variant == "dmd_sigma_uniform" else 0.5
         cl.dmd_term = lambda tr, x0_hat, b, sigma, cfg, gen: term(tr, x0_hat, b, top * torch.rand((), generator=gen, device=gen.device), cfg, gen)
-    elif variant.startswith("untargeted"):  # sources past the shipped IMAGES have no teacher output: DMD alone on them
+    elif variant.startswith("untargeted") or variant == "dmd_half":  # sources past the shipped IMAGES have no teacher output: DMD alone on them
         target_of, init_of, batch_of, loss_of, route_of = (cl.teacher_target, cl.EditData.__init__, cl.EditData.batch, cl.student_loss,
                                                            cl.Router.route)
+
+        dmd_only = [False]
 
         def untargeted(image_path) -> bool:  # with_images names the sources 0.png, 1.png, ...: the shipped ones first
             return int(Path(image_path).stem) >= eb.IMAGES
@@ -152,7 +155,7 @@ def patch(variant: str, targets_per_image: int) -> None:
 
         def batch(self, r, device):
             b = batch_of(self, r, device)
-            if r.stream == "effect" and any(untargeted(self.pools[r.effect][s % len(self.pools[r.effect])]) for s in r.sources):
+            if dmd_only[0] or r.stream == "effect" and any(untargeted(self.pools[r.effect][s % len(self.pools[r.effect])]) for s in r.sources):
                 b.target = None  # no teacher output in this batch
             return b
 
@@ -165,10 +168,12 @@ def patch(variant: str, targets_per_image: int) -> None:
             return losses
 
         def route(self, step):  # untargeted_half: a coin per step sends the effect batch to the sources with teacher outputs
-            r = route_of(self, step)
-            if variant == "untargeted_half" and r.stream == "effect" and random.Random(f"{self.seed}/targeted/{step}").random() < 0.5:
+            r, dmd_only[0] = route_of(self, step), False
+            if variant != "untargeted" and r.stream == "effect" and random.Random(f"{self.seed}/targeted/{step}").random() < 0.5:
                 n = self.pool_sizes[r.effect] // targets_per_image  # the pool's sources; index s: source s % n, target s // n
                 r = r._replace(sources=tuple(s // n * n + s % n % eb.IMAGES for s in r.sources))
+            elif variant == "dmd_half" and r.stream == "effect":  # the other half: DMD alone on the same sources
+                dmd_only[0] = True  # read by the batch() of this step, called right after
             return r
         cl.teacher_target, cl.EditData.batch, cl.student_loss, cl.Router.route = teacher_target, batch, student_loss, route
         cl.EditData.__init__ = init
