@@ -17,7 +17,7 @@ Run (python collectionlora.py --help: every knob; README: a CPU demo, the folder
     python collectionlora.py --init runs/mine/lora --teachers new/ --replay my_effects/ ...  # add effects to it
 
 Deviations from the official code (causvid/), each on purpose:
- 1. Teacher targets ("base_pred") are computed by the teacher (stock pipeline), each from its own noise (K per source), and cached.
+ 1. Teacher targets ("base_pred"): the teacher's (stock pipeline), each from its own noise (K per source), cached; none for sources/.
  2. All teachers share ONE exact rank-padded `teacher` adapter slot on the base (TeacherBank), in any diffusers format.
  3. PDSR redraws the stream every `route_every` steps as the code does (paper: every step), from (seed, step) alone: exact resume.
  4. Target-simulation inputs come from the last `ts_last_k` student sigmas (code), not tau_max (paper).
@@ -36,7 +36,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
+from huggingface_hub.constants import HF_HUB_OFFLINE
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -44,7 +48,7 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import Qwen2VLProcessor
+from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
 
 class InputError(ValueError):
@@ -113,7 +117,6 @@ class Config:
     warmup: int = knob(0, "first N steps: cheap flow matching on teacher outputs alone, then the critic starts as the student; 0 = paper")
     warmup_lr: float = knob(0.0, "the student's lr as the warm start begins, falling linearly to 0 at its end; 0 = --lr")
     aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop (ablation): the teacher's instruction")
-    # engineering
     log_every: int = knob(50, "one log line every N steps")
     save_every: int = knob(500, "checkpoint every N steps (atomic)")
     keep_checkpoints: int = knob(2, "keep the last K checkpoints (each holds both LoRAs and both Adam states)")
@@ -210,7 +213,6 @@ def flow_matching_loss(v, x0, eps):
 
 def student_scheduler(cfg: Config):
     """The stock scheduler equal to the student's sampler (x0, then fresh noise; static shift): 8 steps visit student_sigmas(8, 3), 0."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift, use_dynamic_shifting=False, stochastic_sampling=True)
 
 
@@ -226,8 +228,7 @@ class EditInputs:
     img_shapes: list                  # [[(1, h, w) of the output, (1, h, w) of the source]] in patches
 
     def to(self, device):
-        return dataclasses.replace(self, embeds=self.embeds.to(device), image_latents=self.image_latents.to(device),
-                                   mask=None if self.mask is None else self.mask.to(device))
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)})  # mask may be None
 
 
 class ImageOnlyProcessor(Qwen2VLProcessor):
@@ -246,16 +247,13 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
             sys.path.append(examples)
         pipe = importlib.import_module("make_tiny_teachers").build_tiny_pipeline(seed).to(device)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)  # fp32 as built; diffusers warns on any cast
-    from diffusers import QwenImageEditPlusPipeline
-    from huggingface_hub.constants import HF_HUB_OFFLINE as offline
-    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
     if Path(base).exists() and not (Path(base) / "model_index.json").is_file():
         raise InputError(f"--base '{base}' is not a diffusers pipeline folder (no model_index.json) -- pass the "
                          f"folder `hf download Qwen/Qwen-Image-Edit-2509 --local-dir <folder>` writes, or a hub id")
     try:
-        tokenizer = Qwen2Tokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=offline)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(base, subfolder="processor", local_files_only=offline)
-        pipe = QwenImageEditPlusPipeline.from_pretrained(base, tokenizer=tokenizer, dtype=dtype, local_files_only=offline,
+        tokenizer = Qwen2Tokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=HF_HUB_OFFLINE)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(base, subfolder="processor", local_files_only=HF_HUB_OFFLINE)
+        pipe = QwenImageEditPlusPipeline.from_pretrained(base, tokenizer=tokenizer, dtype=dtype, local_files_only=HF_HUB_OFFLINE,
                                                          processor=ImageOnlyProcessor(image_processor, tokenizer)).to(device)
     except (OSError, ValueError) as e:  # not cached and no network, or not a valid repo id
         raise InputError(f"--base '{base}' could not be loaded: {str(e).splitlines()[0].split('. ')[0][:200]} -- download it first "
@@ -266,7 +264,6 @@ def load_pipeline(base: str, device: torch.device, dtype: torch.dtype, seed: int
 
 def tiny_image_sizes(condition: int = 64 * 64, vae: int = 64 * 64):
     """A context: the stock pipeline's module-global resize areas (384^2 condition, 1024^2 VAE image; 0 = as is) set, then restored."""
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
     return unittest.mock.patch.multiple(qwen, CONDITION_IMAGE_SIZE=condition or qwen.CONDITION_IMAGE_SIZE,
                                         VAE_IMAGE_SIZE=vae or qwen.VAE_IMAGE_SIZE)
 
@@ -279,7 +276,6 @@ def image_sizes(cfg: Config):
 
 def _qwen_sizes(image):
     """Condition-image and VAE-image sizes (w, h) exactly as QwenImageEditPlusPipeline computes them."""
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen
     ratio = image.size[0] / image.size[1]
     return qwen.calculate_dimensions(qwen.CONDITION_IMAGE_SIZE, ratio), qwen.calculate_dimensions(qwen.VAE_IMAGE_SIZE, ratio)
 
@@ -374,11 +370,12 @@ class Effect:
     trigger: str = ""          # unique token string; chosen automatically when empty
     student_prompt: str = ""   # trigger + instruction unless given
     weight: float = 1.0        # LoRA strength the teacher was meant to be used at
+    sources: list = dataclasses.field(default_factory=list)  # sources/: images with no teacher output, trained on-policy alone
 
 
-def list_images(folder: Path, batch_size: int = 1) -> list:
-    """The images in a folder, each checked to decode (else an InputError naming it) and, for batch_size > 1, to share one size."""
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+def list_images(*folders: Path, batch_size: int = 1) -> list:
+    """The images in the folders, each checked to decode (else an InputError naming it) and, for batch_size > 1, to share one size."""
+    images = sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     sizes = {}
     for p in images:
         try:
@@ -394,7 +391,7 @@ def list_images(folder: Path, batch_size: int = 1) -> list:
 
 
 def read_teachers(folder, batch_size: int = 1) -> list:
-    """--teachers: <folder>/<effect>/{*.safetensors, images/, effect.json: "instruction" [, "trigger", "student_prompt", "weight"]}."""
+    """--teachers: <folder>/<effect>/{*.safetensors, images/, sources/, effect.json: "instruction" [, "trigger", "student_prompt", "weight"]}."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--teachers '{folder}' is not a folder -- pass a folder with one sub-folder per effect")
@@ -416,10 +413,12 @@ def read_teachers(folder, batch_size: int = 1) -> list:
                              f"{{\"instruction\": \"...\", \"weight\": 1.0}}") from e
         if not meta.get("instruction"):
             raise InputError(f"{meta_file} has no 'instruction' -- add the prompt this LoRA was trained with")
-        images = list_images(sub / "images", batch_size)
+        both = list_images(sub / "images", sub / "sources", batch_size=batch_size)  # sources/: no teacher output (README)
+        images, sources = ([p for p in both if p.parent.name == f] for f in ("images", "sources"))
         if (sub / "images").is_dir() and not images:
             raise InputError(f"'{sub / 'images'}' holds no images ({', '.join(IMAGE_EXTS)}) -- add some or remove it")
-        e = Effect(sub.name, meta["instruction"], loras[0], images, meta.get("trigger", ""), meta.get("student_prompt", ""), meta["weight"])
+        e = Effect(sub.name, meta["instruction"], loras[0], images, meta.get("trigger", ""), meta.get("student_prompt", ""),
+                   meta["weight"], sources)
         if twin := next((o for o in effects if e.trigger and o.trigger == e.trigger), None):  # empty: chosen later
             raise InputError(f"effects '{twin.name}' and '{e.name}' share the trigger '{e.trigger}' -- make it unique in one effect.json")
         effects.append(e)
@@ -473,13 +472,12 @@ def read_inputs(cfg: Config):
         if not folder.is_dir():
             raise InputError(f"--general '{folder}' is not a folder -- pass a folder of images with .txt instructions")
         general = [(p, p.with_suffix(".txt").read_text().strip())
-                   for p in list_images(folder, cfg.batch_size) if p.with_suffix(".txt").is_file()]
+                   for p in list_images(folder, batch_size=cfg.batch_size) if p.with_suffix(".txt").is_file()]
         if not general:
             raise InputError(f"--general '{folder}' has no image with a same-name .txt instruction")
-    for e in effects:
-        if not e.images and not general:
-            raise InputError(f"effect '{e.name}' has no images/ folder and there is no --general folder "
-                             f"to borrow source images from -- add one of them")
+    for e in (e for e in effects if not e.images and not general):
+        raise InputError(f"effect '{e.name}' has no images/ folder and there is no --general folder "
+                         f"to borrow source images from -- add one of them")
     return effects, general, old
 
 
@@ -595,17 +593,17 @@ class TeacherBank:
 
 # ---- Router: Probabilistic Dual-Stream Routing (PDSR) ----
 
-Route = collections.namedtuple("Route", "stream effect sources")  # "effect"/"general"; effect index (-1: general); pool indices
+Route = collections.namedtuple("Route", "stream effect sources targets", defaults=(True,))  # targets False: images + sources/, DMD alone
 
 
 class Router:
     """Each period of `route_every` steps: w.p. p_switch an effect (its LoRA the teacher; a replay_p share from the n_old replayed, listed
     first), else general (teacher = base); batch_size sources a step; all from (seed, step); torchrun: one stream, each rank its draws."""
     def __init__(self, n_effects: int, pool_sizes: list, n_general: int, p_switch: float, route_every: int, seed: int,
-                 batch_size: int = 1, n_old: int = 0, replay_p: float = 0.0, rank: int = 0):
+                 batch_size: int = 1, n_old: int = 0, replay_p: float = 0.0, rank: int = 0, on_policy: list = (), warmup: int = 0):
         self.n_effects, self.pool_sizes, self.n_general, self.batch_size = n_effects, pool_sizes, n_general, batch_size
         self.p_switch, self.route_every, self.seed, self.n_old, self.replay_p = p_switch, route_every, seed, n_old, replay_p
-        self.rank = f"/rank{rank}" if rank else ""  # rank 0 draws exactly what a single process draws
+        self.rank, self.on_policy, self.warmup = f"/rank{rank}" if rank else "", on_policy, warmup  # rank 0: one process's draws
 
     def route(self, step: int) -> Route:
         stream = random.Random(f"{self.seed}/period/{step // self.route_every}")
@@ -613,9 +611,11 @@ class Router:
         period = random.Random(f"{self.seed}/period/{step // self.route_every}{self.rank}") if self.rank else stream
         effect = -1 if not effect_stream else period.randrange(self.n_effects) if not self.n_old else (
             period.randrange(self.n_old) if period.random() < self.replay_p else self.n_old + period.randrange(self.n_effects - self.n_old))
-        pool = self.pool_sizes[effect] if effect_stream else self.n_general
+        # sources/ (on_policy: pool sizes): after the warm start, a coin shared by the ranks sends half the effect steps there (DMD alone)
+        targets = not (effect_stream and self.on_policy and step >= self.warmup and random.Random(f"{self.seed}/on/{step}").random() < 0.5)
+        pool = self.n_general if not effect_stream else self.pool_sizes[effect] if targets else self.on_policy[effect]
         draw = random.Random(f"{self.seed}/step/{step}{self.rank}")
-        return Route("effect" if effect_stream else "general", effect, tuple(draw.randrange(pool) for _ in range(self.batch_size)))
+        return Route("effect" if effect_stream else "general", effect, tuple(draw.randrange(pool) for _ in range(self.batch_size)), targets)
 
 
 # ---- Prompts: Asymmetric Orthogonal Prompting (AOP) ----
@@ -650,9 +650,7 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: b
         embs = [prompt_embedding(pipe, e.student_prompt or f"{t} {e.instruction}") - empty for t in pool]
         worst = [max([max_pairwise_cosine(torch.stack(chosen + [x]))] + [F.cosine_similarity(x, k, 0).item() for k in known]) for x in embs]
         best = min(range(len(pool)), key=worst.__getitem__)  # the first one while nothing is chosen
-        e.trigger = pool[best]
-        naive.append(embs[0])
-        chosen.append(embs[best])
+        e.trigger, naive, chosen = pool[best], naive + [embs[0]], chosen + [embs[best]]
     for e in effects:  # earlier effects are filled in; a later one is empty or set by its effect.json
         e.student_prompt = e.student_prompt or f"{e.trigger} {e.instruction}"
         if aop and ((twin := next(o for o in effects if o.student_prompt == e.student_prompt)) is not e or e.student_prompt in others):
@@ -705,21 +703,23 @@ class Batch:
     teacher: EditInputs             # AOP: the teacher's own instruction
     negative: EditInputs            # empty prompt: the unconditional branch of CFG
     teacher_adapter: str | None     # "teacher" on the effect stream, None (bare base) on the general stream
-    target: torch.Tensor | None     # (B, L, 4C) teacher output y; on the general stream (the base's) only for the warm start
+    target: torch.Tensor | None     # (B, L, 4C) teacher output y; none on sources/; on the general stream (the base's) only for the warm start
 
 
 class EditData:
     """Every input and teacher target the run can draw, computed once, cached, memory-mapped: the encoders can leave the GPU early."""
     def __init__(self, pipe, effects: list, general: list, bank: TeacherBank, cfg: Config, teacher_scheduler):
         self.effects, self.pools = effects, [e.images or [p for p, _ in general] for e in effects]  # read_inputs: none is empty
-        enc = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg))
-        self.effect_inputs, self.targets, K = {}, {}, cfg.targets_per_image  # router index s: source s % n, target s // n
-        items, (rank, world) = [(i, p, j) for i, pool in enumerate(self.pools) for j in range(K) for p in pool], rank_and_world()
+        self.on_policy = [pool + e.sources for pool, e in zip(self.pools, effects)]  # sources/: never a teacher output
+        enc, (rank, world) = functools.lru_cache(maxsize=None)(lambda prompt, path: cached_encode(pipe, path, prompt, cfg)), rank_and_world()
+        self.effect_inputs = {(i, p): tuple(enc(text, p) for text in (e.student_prompt, e.instruction, ""))  # AOP's three prompts
+                              for i, e in enumerate(tqdm(effects, desc="encoding", disable=rank > 0)) for p in self.on_policy[i]}
+        self.targets, K = {}, cfg.targets_per_image  # router index s: source s % n, target s // n
+        items = [(i, p, j) for i, pool in enumerate(self.pools) for j in range(K) for p in pool]
         for i, p, j in items[rank::world] if world > 1 else ():  # torchrun: each rank first fills its share of the cache
             teacher_target(pipe, bank, i, p, cfg, teacher_scheduler, j)
         gather(None)  # torchrun: a barrier, the shares are all written
         for i, p, j in tqdm(items, desc="teacher targets", disable=rank > 0):
-            self.effect_inputs[i, p] = (enc(effects[i].student_prompt, p), enc(effects[i].instruction, p), enc("", p))
             self.targets[i, p, j] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler, j)
         self.general_inputs = [(enc(instruction, image), enc("", image)) for image, instruction in general]
         # the warm start's flow matching on the general stream learns the base's own edits (else it unlearns them: README)
@@ -728,10 +728,11 @@ class EditData:
 
     def batch(self, r: Route, device) -> Batch:
         if r.stream == "effect":
-            pool = self.pools[r.effect]
+            pool = self.pools[r.effect] if r.targets else self.on_policy[r.effect]
             picks = [(pool[s % len(pool)], s // len(pool)) for s in r.sources]  # (source, which of its K targets)
             student, teacher, negative = (stack([self.effect_inputs[r.effect, p][k] for p, _ in picks], device) for k in range(3))
-            return Batch(student, teacher, negative, "teacher", torch.cat([self.targets[r.effect, p, j] for p, j in picks]).to(device))
+            return Batch(student, teacher, negative, "teacher",
+                         torch.cat([self.targets[r.effect, p, j] for p, j in picks]).to(device) if r.targets else None)
         prompt, negative = (stack([self.general_inputs[i][j] for i in r.sources], device) for j in range(2))
         target = torch.cat([self.general_targets[i] for i in r.sources]).to(device) if self.general_targets else None
         return Batch(prompt, prompt, negative, None, target)  # general stream: everyone sees the instruction
@@ -753,8 +754,7 @@ def prepare(pipe, cfg: Config, effects: list, general: list, others: list = ()):
     pipe.set_progress_bar_config(disable=True)
     teacher_scheduler, pipe.scheduler = pipe.scheduler, student_scheduler(cfg)  # the teachers sample with the base's own
     aop = choose_triggers(pipe, effects, cfg.seed, aop=cfg.aop, others=others)  # may still refuse: nothing written yet
-    bank = TeacherBank(effects, pipe, cfg.cache)
-    return bank, EditData(pipe, effects, general, bank, cfg, teacher_scheduler), aop
+    return (bank := TeacherBank(effects, pipe, cfg.cache)), EditData(pipe, effects, general, bank, cfg, teacher_scheduler), aop
 
 
 # ---- Student sampler with backward simulation (DMD2 §4.5) ----
@@ -815,7 +815,7 @@ def student_loss(transformer, b: Batch, sigmas, cfg: Config, gen) -> dict:
     x0_hat = on_policy_x0(transformer, b.student, sigmas, gen)  # DMD on backward simulation
     t_dmd, sigma = draw_sigma(gen, 0.0, cfg.shift)
     losses = {"dmd": dmd_term(transformer, x0_hat, b, sigma, cfg, gen)}
-    if b.teacher_adapter:  # the effect stream (the paper: the general stream has the DMD term alone)
+    if b.teacher_adapter and b.target is not None:  # the effect stream with teacher outputs (general, sources/: DMD alone)
         y = b.target  # the teacher's own output for this source (paper: base_pred)
         # target simulation (fine): the student denoises y noised to one of its last k sigmas
         j = int(torch.randint(len(sigmas) - cfg.ts_last_k, len(sigmas), (), generator=gen, device=gen.device))
@@ -900,7 +900,6 @@ def average_gradients(params: list, finite: bool) -> bool:
 
 def shard(transformer, dtype) -> None:
     """--fsdp: FSDP2 per block: base, student, critic (so Adam's states) split over the ranks; the teacher slot whole on each (README)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     teacher, mixed = set(adapter_params(transformer, "teacher")), MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")  # predict_v slices it, never in place
     for module in [*transformer.transformer_blocks, transformer]:  # fp32 LoRAs gathered in the base's dtype: autocast's anyway
@@ -1090,7 +1089,8 @@ def train(cfg: Config) -> Path | None:
     opt_student, opt_critic = (torch.optim.AdamW(adapter_params(transformer, name), lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
                                for name, lr in (("student", cfg.lr), ("critic", cfg.critic_lr)))
     router = Router(len(effects), [len(p) * cfg.targets_per_image for p in data.pools], len(general), cfg.p_switch, cfg.route_every,
-                    cfg.seed, cfg.batch_size, sum(e.name in {o["name"] for o in old} for e in effects), cfg.replay_p, rank)
+                    cfg.seed, cfg.batch_size, sum(e.name in {o["name"] for o in old} for e in effects), cfg.replay_p, rank,
+                    [len(p) for p in data.on_policy] if any(e.sources for e in effects) else [], cfg.warmup)
     gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)  # each rank its own noise
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
     start = load_checkpoint(max(ckpt_dir.glob("step_*.pt")), transformer, opt_student, opt_critic, gen) if cfg.resume else 0

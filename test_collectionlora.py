@@ -399,6 +399,26 @@ def test_router_frequency_and_reproducibility():
         assert len({(periodic.route(s).stream, periodic.route(s).effect) for s in range(start, start + 20)}) == 1
 
 
+def test_with_sources_half_the_effect_steps_after_the_warm_start_draw_them_without_targets_the_same_on_every_rank():
+    """sources/ (README: sources without teacher outputs): a coin per step, shared by the ranks (--fsdp runs one graph), sends half
+    the effect steps after the warm start to images/ + sources/ (pool on_policy) with no teacher outputs; without sources the
+    draws are those of before."""
+    plain = cl.Router(3, [4, 4, 8], 5, p_switch=0.5, route_every=4, seed=0)
+    assert [plain.route(s) for s in range(400)] == [cl.Router(3, [4, 4, 8], 5, 0.5, 4, seed=0, on_policy=[], warmup=50).route(s)
+                                                    for s in range(400)]
+    assert all(r.targets for r in (plain.route(s) for s in range(400)))
+    router, rank1 = (cl.Router(3, [4, 4, 8], 5, 0.5, 4, seed=0, batch_size=8, rank=k, on_policy=[9, 2, 4], warmup=100) for k in (0, 1))
+    routes = [router.route(s) for s in range(4000)]
+    assert all(r.targets for r in routes[:100])  # the warm start is flow matching on teacher outputs: only images/
+    effect = [r for r in routes[100:] if r.stream == "effect"]
+    assert abs(sum(not r.targets for r in effect) / len(effect) - 0.5) < 0.03
+    for e, (n_images, n_all) in enumerate([(4, 9), (4, 2), (8, 4)]):
+        assert {s for r in effect if r.effect == e and r.targets for s in r.sources} == set(range(n_images))
+        assert {s for r in effect if r.effect == e and not r.targets for s in r.sources} == set(range(n_all))
+    assert [r.targets for r in routes] == [rank1.route(s).targets for s in range(4000)]  # ranks: one coin, their own draws
+    assert [r.sources for r in routes] != [rank1.route(s).sources for s in range(4000)]
+
+
 def test_adapter_init_depends_on_the_seed_only():
     cfg = cl.Config(rank=4, alpha=4)
     weights = []
@@ -545,6 +565,40 @@ def test_k_targets_per_source_each_its_own_noise_every_one_drawn_with_its_own_so
             assert torch.equal(b.student.image_latents, latents[p])
             drawn.append((p, j))
         assert sorted(drawn) == sorted(mine)
+
+
+def test_sources_get_no_teacher_output_and_train_with_the_dmd_term_alone(tmp_path, monkeypatch):
+    """An effect's sources/ are encoded, never given a teacher output (cost: nothing per source), and drawn after the warm
+    start by the steps without targets, whose student update is the DMD term alone (README: sources without teacher outputs)."""
+    make_tiny_teachers(tmp_path / "teachers", tmp_path / "general", n_images=2, effects=EFFECTS[:2])
+    images = sorted((tmp_path / "teachers" / "glow" / "images").iterdir())
+    (tmp_path / "teachers" / "glow" / "sources").mkdir()
+    rng = torch.Generator().manual_seed(5)
+    sources = [tmp_path / "teachers" / "glow" / "sources" / f"s{j}.png" for j in range(3)]
+    for path in sources:
+        random_image(rng, Image.open(images[0]).size[0]).save(path)
+    target_of, prepare, asked, made = cl.teacher_target, cl.prepare, [], []
+    monkeypatch.setattr(cl, "teacher_target", lambda pipe, bank, i, path, *a, **k: asked.append(Path(path)) or target_of(
+        pipe, bank, i, path, *a, **k))
+    monkeypatch.setattr(cl, "prepare", lambda *a, **k: made.append(prepare(*a, **k)) or made[-1])
+    cfg = tiny_config(tmp_path, tmp_path / "out", max_steps=30, warmup=6, gen_every=1, p_switch=1.0, route_every=1, log_every=1)
+    cl.train(cfg)
+    assert asked and not set(asked) & set(sources)  # every image/ got its targets, no source one
+    _, data, _ = made[0]
+    assert data.on_policy[0] == images + sources and data.on_policy[1] == data.pools[1]
+    assert all(torch.equal(data.effect_inputs[0, p][0].image_latents,
+                           cl.cached_encode(build_tiny_pipeline(0), p, data.effects[0].student_prompt, cfg).image_latents) for p in sources)
+    b = data.batch(cl.Route("effect", 0, (2, 3, 4), targets=False), "cpu")  # on_policy[2:5]: the three sources
+    assert b.target is None and b.teacher_adapter == "teacher"
+    assert torch.equal(b.student.image_latents, torch.cat([data.effect_inputs[0, p][0].image_latents for p in sources]))
+    pipe = build_tiny_pipeline(0)
+    cl.TeacherBank(data.effects, pipe, cfg.cache).swap(0)
+    cl.add_trainable_adapters(pipe.transformer, cfg)
+    assert set(cl.student_loss(pipe.transformer, b, cl.student_sigmas(8, 3.0), cfg, torch.Generator().manual_seed(0))) == {"dmd"}
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    router = cl.Router(2, [2, 2], len(data.general_inputs), 1.0, 1, cfg.seed, on_policy=[5, 2], warmup=6)
+    assert [set(line) >= {"ts", "fm"} for line in log[6:]] == [router.route(line["step"] - 1).targets for line in log[6:]]
+    assert {True, False} == {router.route(line["step"] - 1).targets for line in log[6:]}  # both kinds were trained
 
 
 def test_exported_lora_reproduces_the_student_in_a_stock_pipeline(teachers, trained):
@@ -944,6 +998,10 @@ BAD_INPUT = {  # case: (change a good setup in place, returning extra CLI flags;
     "out is a file": (lambda r: ["--out", str(r / "general" / "0.txt")], "is a file"),
     "batch of mixed sizes": (lambda r: Image.new("RGB", (96, 64)).save(r / "teachers" / "ink_sketch" / "images" / "1.png")
                              or ["--batch_size", "2"], "--batch_size 2 needs one image size per folder"),
+    "sources/ of another size": (lambda r: make_folder(r / "teachers" / "ink_sketch" / "sources") and Image.new("RGB", (96, 64)).save(
+        r / "teachers" / "ink_sketch" / "sources" / "s.png") or ["--batch_size", "2"], "--batch_size 2 needs one image size per folder"),
+    "unreadable source image": (in_effect(lambda d: make_folder(d / "sources") and (d / "sources" / "s.png").write_bytes(b"") or True),
+                                "sources/s.png cannot be read"),
     "max_steps 0": (lambda r: ["--max_steps", "0"], "--max_steps 0 is invalid"),
     "p_switch 1.5": (lambda r: ["--p_switch", "1.5"], "--p_switch 1.5 is invalid"),
     "negative lr": (lambda r: ["--lr=-1e-4"], "--lr -0.0001 is invalid"),

@@ -52,6 +52,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="collectionlora --seed: a replicate of the same run")
     p.add_argument("--images", type=int, default=eb.IMAGES, help="source images per effect (effectbench --images): the shipped 32, "
                    "then more of the world's train sources")
+    p.add_argument("--sources", type=int, default=0, help="K more source images per effect in sources/ (collectionlora: no teacher "
+                   "output, trained with the DMD term alone): the shipped 32 in images/, then the next K of --images' order")
     p.add_argument("--teachers", default="", help="another --quick teachers folder (e.g. more source images or copies of them)")
     p.add_argument("--general_images", type=int, default=eb.GENERAL, help="pictures of the general stream (the shipped 16, then "
                    "train sources past --images' and the teachers')")
@@ -74,8 +76,19 @@ def main(argv=None):
     world = eb.build_world({n: eb.effect_registry()[n] for n in names}, 0)
     if args.teachers:
         teachers = Path(args.teachers)
-    elif args.images != eb.IMAGES:
-        teachers = eb.with_images(world, teachers, root / f"quick_teachers_img{args.images}", args.images)
+    elif args.images != eb.IMAGES or args.sources:
+        teachers = eb.with_images(world, teachers, root / f"quick_teachers_img{args.images + args.sources}", args.images + args.sources)
+    if args.sources:  # the same pictures, the ones past --images moved to sources/
+        split = root / f"quick_teachers_img{args.images}_src{args.sources}"
+        for effect in (d for d in sorted(teachers.iterdir()) if d.is_dir() and not (split / d.name).is_dir()):
+            tmp = split / (effect.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(effect, tmp)
+            (tmp / "sources").mkdir()
+            for image in (f for f in sorted((tmp / "images").iterdir()) if int(f.stem) >= args.images):
+                image.rename(tmp / "sources" / image.name)
+            tmp.rename(split / effect.name)
+        teachers = split
     if args.effects:  # a folder of links to the kept effects (teacher LoRAs, targets and inputs are cached by content)
         subset = teachers.parent / f"{teachers.name}_{'-'.join(sorted(names))}"
         subset.mkdir(exist_ok=True)
