@@ -75,8 +75,7 @@ def knob(default, why):
 
 @dataclasses.dataclass
 class Config:
-    # data and models
-    teachers: str = knob("", "folder of effects: one sub-folder per effect (LoRA + effect.json [+ images/])")
+    teachers: str = knob("", "folder of effects: one sub-folder per effect (LoRA + effect.json [+ images/, sources/: no teacher output])")
     general: str = knob("", "folder of general edits (image + same-name .txt instruction); feeds the general stream")
     base: str = knob("Qwen/Qwen-Image-Edit-2509", "hub id or local folder of the base pipeline; 'tiny' = random tiny model")
     image_size: int = knob(0, "output (VAE) image side in pixels, a multiple of 32; 0 = the pipeline's 1024 (64 for --base tiny)")
@@ -117,6 +116,7 @@ class Config:
     warmup: int = knob(0, "first N steps: cheap flow matching on teacher outputs alone, then the critic starts as the student; 0 = paper")
     warmup_lr: float = knob(0.0, "the student's lr as the warm start begins, falling linearly to 0 at its end; 0 = --lr")
     aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop (ablation): the teacher's instruction")
+    # engineering
     log_every: int = knob(50, "one log line every N steps")
     save_every: int = knob(500, "checkpoint every N steps (atomic)")
     keep_checkpoints: int = knob(2, "keep the last K checkpoints (each holds both LoRAs and both Adam states)")
