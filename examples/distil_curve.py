@@ -4,7 +4,8 @@
 
 The knobs start from effectbench.DISTIL_KNOBS (guidance 2, no warm start, 1,500 iterations unless given); --seed S seeds the
 run (LoRA init, router, noise, teacher targets) while the held-out sources stay those of seed 0; --images K gives each
-effect K source images (effectbench --images). The run goes to
+effect K source images (effectbench --images), --sources K adds K more in each effect's sources/ (collectionlora: no
+teacher output, the DMD term alone). The run goes to
 runs/curves/NAME (teacher targets cached in runs/curves/cache, shared by every run), then the student of every kept
 checkpoint is measured like the bench's rows (16 held-out sources x 4 seeds) and printed as one JSON line:
 [step, PSNR to the nearest valid output, mode coverage, bad-case ratio, energy score] (curve.json also keeps them per
