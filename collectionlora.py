@@ -385,8 +385,8 @@ def list_images(*folders: Path, batch_size: int = 1) -> list:
         except Exception as e:  # zero-size, truncated, not an image, no permission ...
             raise InputError(f"image {p} cannot be read ({type(e).__name__}: {e}) -- replace or delete it") from e
     if batch_size > 1 and (odd := [p for p in images if sizes[p] != sizes[images[0]]]):
-        raise InputError(f"--batch_size {batch_size} needs one image size per folder: {images[0]} is "
-                         f"{sizes[images[0]]} but {odd[0]} is {sizes[odd[0]]} -- resize them or pass --batch_size 1")
+        raise InputError(f"--batch_size {batch_size} needs one image size per folder (an effect's images/ and sources/ as one): "
+                         f"{images[0]} is {sizes[images[0]]} but {odd[0]} is {sizes[odd[0]]} -- resize them or pass --batch_size 1")
     return images
 
 
