@@ -150,8 +150,7 @@ def patch(variant: str, targets_per_image: int) -> None:
         term, top = cl.dmd_term, 1.0 if variant == "dmd_sigma_uniform" else 0.5
         cl.dmd_term = lambda tr, x0_hat, b, sigma, cfg, gen: term(tr, x0_hat, b, top * torch.rand((), generator=gen, device=gen.device), cfg, gen)
     elif variant.startswith("untargeted") or variant == "dmd_half":  # sources past the shipped IMAGES have no teacher output: DMD alone on them
-        target_of, init_of, batch_of, loss_of, route_of = (cl.teacher_target, cl.EditData.__init__, cl.EditData.batch, cl.student_loss,
-                                                           cl.Router.route)
+        target_of, init_of, batch_of, route_of = cl.teacher_target, cl.EditData.__init__, cl.EditData.batch, cl.Router.route
 
         dmd_only = [False]
 
@@ -170,16 +169,8 @@ def patch(variant: str, targets_per_image: int) -> None:
         def batch(self, r, device):
             b = batch_of(self, r, device)
             if dmd_only[0] or r.stream == "effect" and any(untargeted(self.pools[r.effect][s % len(self.pools[r.effect])]) for s in r.sources):
-                b.target = None  # no teacher output in this batch
+                b.target = None  # no teacher output in this batch: collectionlora's student_loss trains it with the DMD term alone
             return b
-
-        def student_loss(transformer, b, sigmas, cfg, gen):  # an effect batch without teacher outputs: the DMD term alone
-            if b.target is not None or not b.teacher_adapter:
-                return loss_of(transformer, b, sigmas, cfg, gen)
-            x0_hat = cl.on_policy_x0(transformer, b.student, sigmas, gen)
-            losses = {"dmd": cl.dmd_term(transformer, x0_hat, b, cl.draw_sigma(gen, 0.0, cfg.shift)[1], cfg, gen)}
-            cl.use_adapter(transformer, "student")
-            return losses
 
         def route(self, step):  # untargeted_half: a coin per step sends the effect batch to the sources with teacher outputs
             r, dmd_only[0] = route_of(self, step), False
@@ -189,8 +180,7 @@ def patch(variant: str, targets_per_image: int) -> None:
             elif variant == "dmd_half" and r.stream == "effect":  # the other half: DMD alone on the same sources
                 dmd_only[0] = True  # read by the batch() of this step, called right after
             return r
-        cl.teacher_target, cl.EditData.batch, cl.student_loss, cl.Router.route = teacher_target, batch, student_loss, route
-        cl.EditData.__init__ = init
+        cl.teacher_target, cl.EditData.__init__, cl.EditData.batch, cl.Router.route = teacher_target, init, batch, route
     elif variant == "reseed":
         load = cl.load_checkpoint
         cl.load_checkpoint = lambda path, tr, o1, o2, gen: (load(path, tr, o1, o2, gen), gen.manual_seed(12345))[0]
