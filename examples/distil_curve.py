@@ -27,7 +27,9 @@ sources past the shipped 32 get no teacher output, never computed; a batch with 
 stream, DMD alone with the effect's teacher as the real score: what distribution matching can learn from sources alone),
 untargeted_half (the same, and half the effect-stream batches, by a coin per step, are drawn from the 32 sources with
 teacher outputs: the full objective there), dmd_half (its control without new sources: the same coin, and the other
-half of the effect batches trained with DMD alone on the same sources). Variants combine with "+", e.g. untargeted+reseed.
+half of the effect batches trained with DMD alone on the same sources), gt (the teacher outputs replaced by the ground
+truth, encoded: does learning from the teachers' samples cost the student?), fm_unshifted (every timestep drawn
+unshifted, sigma ~ U(0, 1), as the teachers were trained). Variants combine with "+", e.g. untargeted+reseed.
 """
 import argparse
 import dataclasses
@@ -39,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import effectbench as eb  # noqa: E402
@@ -126,7 +129,7 @@ def main(argv=None):
 
 
 CRITIC_FIRST = 500
-VARIANTS = ("fmonly", "decay", "reseed", "critic_first", "beta1", "dmd_sigma_uniform", "dmd_sigma_low", "untargeted", "untargeted_half", "dmd_half")
+VARIANTS = ("fmonly", "decay", "reseed", "critic_first", "beta1", "dmd_sigma_uniform", "dmd_sigma_low", "untargeted", "untargeted_half", "dmd_half", "gt", "fm_unshifted")
 
 
 def patch(variant: str, targets_per_image: int) -> None:
@@ -181,6 +184,19 @@ def patch(variant: str, targets_per_image: int) -> None:
                 dmd_only[0] = True  # read by the batch() of this step, called right after
             return r
         cl.teacher_target, cl.EditData.__init__, cl.EditData.batch, cl.Router.route = teacher_target, init, batch, route
+    elif variant == "gt":  # the effect's ground truth (its variant j % K) as teacher output j, encoded as a source image is
+        target_of, effects = cl.teacher_target, {e.name: e for e in eb.build_world(eb.effect_registry(), 0).effects}
+
+        def teacher_target(pipe, bank, index, image_path, cfg, teacher_scheduler, j=0, general=""):
+            if index < 0:  # the general stream's: the base's own edit
+                return target_of(pipe, bank, index, image_path, cfg, teacher_scheduler, j, general)
+            e = effects[bank.effects[index].name]
+            with torch.no_grad():
+                return eb.pack(pipe, e.fn(eb.from_pil(Image.open(image_path)), j % e.K)[None]).float()  # (1, L, 16)
+        cl.teacher_target = teacher_target
+    elif variant == "fm_unshifted":  # every timestep drawn unshifted: the warm start's TA-FM at sigma ~ U(0, 1), as the teachers learnt
+        draw = cl.draw_sigma
+        cl.draw_sigma = lambda gen, t_min, shift: draw(gen, t_min, 1.0)
     elif variant == "reseed":
         load = cl.load_checkpoint
         cl.load_checkpoint = lambda path, tr, o1, o2, gen: (load(path, tr, o1, o2, gen), gen.manual_seed(12345))[0]
