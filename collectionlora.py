@@ -26,7 +26,8 @@ Deviations from the official code (causvid/), each on purpose:
  7. Step limit, atomic checkpoints and exact resume; the official loop has neither.
  8. Triggers minimise the largest pairwise cosine of the student prompts' embeddings (paper: random, never measured).
  9. TA-FM: t ~ U[t_dmd, 1000), t_dmd unshifted, then shifted (official: shifted bound, shifted again); coarse: sigma <= 0.5 in 3.4 %/1.3 %.
-10. --warmup N (0 = paper): N cheap FM steps on the teachers' outputs (general stream: the base's), lr falling to 0, then critic = student.
+10. --warmup N (0 = paper): N cheap FM steps on the teachers' outputs (general stream: the base's), lr falling to 0, then critic = student;
+    --lr_decay (off = paper, constant): after it the student's lr falls linearly to 0 at max_steps.
 11. Many GPUs: data parallel, each rank a whole base; --fsdp: one base sharded (official: FSDP over 4+ GPUs, 3 bases).
 """
 import argparse, collections, contextlib, dataclasses, errno, functools, hashlib, importlib, json, os, random, shutil
@@ -115,6 +116,7 @@ class Config:
     w_fm: float = knob(1.0, "weight of trajectory-anchored flow matching (paper: unweighted)")
     warmup: int = knob(0, "first N steps: cheap flow matching on teacher outputs alone, then the critic starts as the student; 0 = paper")
     warmup_lr: float = knob(0.0, "the student's lr as the warm start begins, falling linearly to 0 at its end; 0 = --lr")
+    lr_decay: bool = knob(False, "after the warm start, the student's lr falls linearly from --lr to 0 at max_steps; off = paper")
     aop: bool = knob(True, "AOP: the student sees '<trigger> instruction'; --no-aop (ablation): the teacher's instruction")
     # engineering
     log_every: int = knob(50, "one log line every N steps")
@@ -851,7 +853,8 @@ def apply_update(loss, optimiser, clip: float) -> bool:
 def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic, cfg: Config, gen, autocast) -> dict:
     """Student every gen_every steps (DMD2), then critic; warm start (step < warmup): student FM on teacher outputs, then critic = it."""
     logs, skipped, warm = {}, [], step < cfg.warmup
-    opt_student.param_groups[0]["lr"] = (cfg.warmup_lr or cfg.lr) * (1 - step / cfg.warmup) if warm else cfg.lr  # deviation 10
+    after = 1 - (step - cfg.warmup) / (cfg.max_steps - cfg.warmup) if cfg.lr_decay else 1  # deviation 10
+    opt_student.param_groups[0]["lr"] = (cfg.warmup_lr or cfg.lr) * (1 - step / cfg.warmup) if warm else cfg.lr * after
     if step == cfg.warmup > 0:  # the warm start ends: the fake score starts as the student's own model, copied
         set_peft_model_state_dict(transformer, get_peft_model_state_dict(transformer, adapter_name="student"), adapter_name="critic")
     if warm or step % cfg.gen_every == 0:

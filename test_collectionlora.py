@@ -331,8 +331,21 @@ def test_with_a_warm_start_the_general_stream_learns_the_bare_bases_own_edits(te
             .general_targets == [] and calls == []  # the paper's loop (no warm start): the general stream is DMD alone
 
 
-def test_the_warm_start_lr_falls_as_torchs_linear_schedule_then_the_lr_is_the_papers_constant(teachers, tmp_path, monkeypatch):
-    cfg = tiny_config(teachers, tmp_path, warmup=6, max_steps=10, gen_every=1, p_switch=1.0, warmup_lr=1e-2, lr=1e-3, critic_lr=2e-3)
+def linear_to_zero(lr: float, steps: int) -> list:
+    """The oracle: torch's own LinearLR from lr to 0 over `steps` updates, the lr of each."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule, lrs = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=steps), []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    return lrs
+
+
+@pytest.mark.parametrize("lr_decay", [False, True])
+def test_the_warm_start_lr_falls_as_torchs_linear_schedule_then_the_lr_is_constant_or_falls_to_0(teachers, tmp_path, monkeypatch, lr_decay):
+    cfg = tiny_config(teachers, tmp_path, warmup=6, max_steps=10, gen_every=1, p_switch=1.0, warmup_lr=1e-2, lr=1e-3, critic_lr=2e-3,
+                      lr_decay=lr_decay)
     seen, update, step_of = [], cl.apply_update, cl.train_step
     monkeypatch.setattr(cl, "train_step", lambda step, *a: seen.append(("step", step)) or step_of(step, *a))
     monkeypatch.setattr(cl, "apply_update", lambda loss, opt, clip: seen.append(opt.param_groups[0]["lr"]) or update(loss, opt, clip))
@@ -340,15 +353,9 @@ def test_the_warm_start_lr_falls_as_torchs_linear_schedule_then_the_lr_is_the_pa
     lrs = {}  # step -> [the lr of each update in it: the student's, then the critic's]
     for s in seen:
         lrs.setdefault(s[1], []) if isinstance(s, tuple) else lrs[max(lrs)].append(s)
-    p = torch.nn.Parameter(torch.zeros(1))  # the oracle: torch's own LinearLR from warmup_lr to 0 over the warm start
-    opt = torch.optim.SGD([p], lr=1e-2)
-    schedule, expected = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=6), []
-    for _ in range(6):
-        expected.append(opt.param_groups[0]["lr"])
-        opt.step()
-        schedule.step()
-    assert [lrs[s] for s in range(6)] == [[pytest.approx(e, rel=1e-12)] for e in expected]  # the student alone
-    assert [lrs[s] for s in range(6, 10)] == [[1e-3, 2e-3]] * 4  # then the constant lrs (student, critic), as the paper
+    assert [lrs[s] for s in range(6)] == [[pytest.approx(e, rel=1e-12)] for e in linear_to_zero(1e-2, 6)]  # the student alone
+    student = linear_to_zero(1e-3, 4) if lr_decay else [1e-3] * 4  # --lr_decay: to 0 at max_steps; else constant, as the paper
+    assert [lrs[s] for s in range(6, 10)] == [[pytest.approx(e, rel=1e-12), 2e-3] for e in student]  # the critic's stays constant
 
 # ---- base pipelines: a local folder, image sizes ----
 
