@@ -286,11 +286,10 @@ def _qwen_sizes(image):
 def encode(pipe, image, prompt: str) -> EditInputs:
     """Encode (prompt, source image) with the pipeline's own text encoder and VAE, resized as `pipe(...)` does at inference."""
     (cw, ch), (vw, vh) = _qwen_sizes(image)
-    device, channels = pipe.transformer.device, pipe.transformer.config.in_channels // 4
+    device, channels, f = pipe.transformer.device, pipe.transformer.config.in_channels // 4, pipe.vae_scale_factor * 2
     embeds, mask = pipe.encode_prompt(prompt=[prompt], image=[pipe.image_processor.resize(image, ch, cw)], device=device)
     vae_image = pipe.image_processor.preprocess(image, vh, vw).unsqueeze(2)  # (1, 3, 1, H, W)
     _, image_latents = pipe.prepare_latents([vae_image], 1, channels, vh, vw, pipe.transformer.dtype, device, None)
-    f = pipe.vae_scale_factor * 2
     return EditInputs(embeds, mask, image_latents, [[(1, vh // f, vw // f), (1, vh // f, vw // f)]])  # out = source size
 
 
@@ -792,8 +791,7 @@ def dmd_loss(x0_hat, real_x0, fake_x0):
 
 def dmd_term(transformer, x0_hat, b: Batch, sigma, cfg: Config, gen):
     """The DMD loss of x0_hat noised to sigma: real score = teacher + CFG on its own instruction (AOP), fake = critic (no grad)."""
-    eps = torch.randn(x0_hat.shape, generator=gen, device=gen.device)
-    x_t = add_noise(x0_hat.detach(), eps, sigma)  # (1, L, 4C)
+    x_t = add_noise(x0_hat.detach(), torch.randn(x0_hat.shape, generator=gen, device=gen.device), sigma)  # (1, L, 4C)
     with torch.no_grad():
         use_adapter(transformer, b.teacher_adapter)
         v_real = predict_v(transformer, x_t, sigma, b.teacher)
@@ -806,8 +804,7 @@ def dmd_term(transformer, x0_hat, b: Batch, sigma, cfg: Config, gen):
 
 def flow_matching_term(transformer, adapter: str, x0, c: EditInputs, t_min, cfg: Config, gen):
     """Flow matching of `adapter` on fixed x0 at shifted t ~ U[t_min, 1000): TA-FM (student, teacher outputs), critic (samples)."""
-    _, sigma = draw_sigma(gen, float(t_min), cfg.shift)
-    eps = torch.randn(x0.shape, generator=gen, device=gen.device)
+    sigma, eps = draw_sigma(gen, float(t_min), cfg.shift)[1], torch.randn(x0.shape, generator=gen, device=gen.device)
     use_adapter(transformer, adapter)
     return flow_matching_loss(predict_v(transformer, add_noise(x0, eps, sigma), sigma, c), x0, eps)
 
