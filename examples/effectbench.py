@@ -1443,7 +1443,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--effects", type=int, default=50, help="how many effects of the registry (the first N)")
     p.add_argument("--seed", type=int, default=0, help="the world, every model init and every noise draw")
     p.add_argument("--quick", action="store_true", help="the 4 QUICK_EFFECTS with the embedded base, teachers and "
-                   "Lightning LoRA (examples/toy), no ablations: about 30 min on 2 cores (12,000 warm-start iterations)")
+                   "Lightning LoRA (examples/toy), 240 sources per effect, no ablations: about 45 min on 2 cores (3,840 teacher edits "
+                   "for the distiller and as many for FM on teacher outputs, 12,000 warm-start iterations)")
     p.add_argument("--root", default="runs/effectbench", help="cache folder for every stage")
     p.add_argument("--base", default="", help="a pre-built base folder instead of training one (--quick: examples/toy/base)")
     p.add_argument("--vae_steps", type=int, default=4000, help="VAE training steps (about 0.16 s each; cached, shared)")
