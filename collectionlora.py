@@ -850,8 +850,8 @@ def apply_update(loss, optimiser, clip: float) -> bool:
 def train_step(step: int, transformer, b: Batch, sigmas, opt_student, opt_critic, cfg: Config, gen, autocast) -> dict:
     """Student every gen_every steps (DMD2), then critic; warm start (step < warmup): student FM on teacher outputs, then critic = it."""
     logs, skipped, warm = {}, [], step < cfg.warmup
-    after = 1 - (step - cfg.warmup) / (cfg.max_steps - cfg.warmup) if cfg.lr_decay else 1  # deviation 10
-    opt_student.param_groups[0]["lr"] = (cfg.warmup_lr or cfg.lr) * (1 - step / cfg.warmup) if warm else cfg.lr * after
+    falling = 1 - (step - cfg.warmup) / (cfg.max_steps - cfg.warmup) if cfg.lr_decay and not warm else 1  # deviation 10
+    opt_student.param_groups[0]["lr"] = (cfg.warmup_lr or cfg.lr) * (1 - step / cfg.warmup) if warm else cfg.lr * falling
     if step == cfg.warmup > 0:  # the warm start ends: the fake score starts as the student's own model, copied
         set_peft_model_state_dict(transformer, get_peft_model_state_dict(transformer, adapter_name="student"), adapter_name="critic")
     if warm or step % cfg.gen_every == 0:

@@ -357,6 +357,11 @@ def test_the_warm_start_lr_falls_as_torchs_linear_schedule_then_the_lr_is_consta
     student = linear_to_zero(1e-3, 4) if lr_decay else [1e-3] * 4  # --lr_decay: to 0 at max_steps; else constant, as the paper
     assert [lrs[s] for s in range(6, 10)] == [[pytest.approx(e, rel=1e-12), 2e-3] for e in student]  # the critic's stays constant
 
+
+def test_lr_decay_with_a_run_that_is_all_warm_start_trains_and_exports(teachers, tmp_path):
+    cfg = tiny_config(teachers, tmp_path, warmup=3, max_steps=3, lr_decay=True)  # no step after the warm start to decay over
+    assert (cl.train(cfg) / "pytorch_lora_weights.safetensors").is_file()
+
 # ---- base pipelines: a local folder, image sizes ----
 
 def test_a_saved_pipeline_folder_loads_as_base_exactly(tmp_path):

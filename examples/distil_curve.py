@@ -17,7 +17,8 @@ effect), then the final student's general edits
 
 --start RUN/STEP continues another run's checkpoint (copied into the new run) with these knobs; --variant patches one
 change into collectionlora for this process, for experiments that have no knob: fmonly (DMD and TS terms 0: TA-FM
-alone), decay (the student's lr falls linearly to 0 after the warm start), reseed (other noise after the resume),
+alone), decay (collectionlora --lr_decay, once a patch: the student's lr falls linearly to 0 after the warm start;
+since session 19 DISTIL_KNOBS sets it, so the rows measured at a constant lr need '{"lr_decay": false}'), reseed (other noise after the resume),
 critic_first (the first 500 steps after the warm start train the critic alone: the fake score learns the student's
 samples before DMD follows it), beta1 (the student's Adam beta1 0.9, the official value, after the resume: its
 updates average the gradients of about 10 student steps instead of following each batch's), dmd_sigma_uniform / dmd_sigma_low
@@ -116,6 +117,7 @@ def main(argv=None):
         shutil.copy(root / run / "checkpoints" / f"step_{int(step):08d}.pt", out / "checkpoints")
     for variant in args.variant.split("+"):
         patch(variant, k["targets_per_image"])
+    k["lr_decay"] = k.get("lr_decay", False) or "decay" in args.variant.split("+")  # since session 19 a knob, not a patch
     eb.stage_distil(teachers, general, base, out, args.seed, **k)
     seconds = time.time() - t0
     pipe = eb.load_all(base, world.effects, teachers, {"collectionlora": out / "lora"})
@@ -137,10 +139,6 @@ def patch(variant: str, targets_per_image: int) -> None:
     cl = eb.cl
     if variant == "fmonly":
         cl.dmd_term = lambda transformer, x0_hat, *rest: 0.0 * x0_hat.float().sum()
-    elif variant == "decay":
-        step_of = cl.train_step
-        cl.train_step = lambda s, tr, b, sig, o1, o2, cfg, *rest: step_of(s, tr, b, sig, o1, o2, dataclasses.replace(
-            cfg, lr=cfg.lr * (1 - (s - cfg.warmup) / (cfg.max_steps - cfg.warmup) if s >= cfg.warmup else 1)), *rest)
     elif variant == "critic_first":  # the first CRITIC_FIRST steps after the warm start update the critic alone
         step_of = cl.train_step
         cl.train_step = lambda s, tr, b, sig, o1, o2, cfg, *rest: step_of(s, tr, b, sig, o1, o2, dataclasses.replace(
