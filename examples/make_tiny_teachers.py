@@ -8,6 +8,7 @@ so the rank-padded teacher slot is exercised. The pictures mean nothing -- the b
 but every file is a real input in the documented format. For a meaningful toy world see
 examples/effectbench.py.
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -107,4 +108,8 @@ def make_tiny_teachers(teachers: Path, general: Path | None = None, n_images: in
 
 
 if __name__ == "__main__":
-    make_tiny_teachers(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("teachers", type=Path, help="the --teachers folder to write (one sub-folder per effect)")
+    p.add_argument("general", type=Path, nargs="?", help="optionally, a --general folder to write (3 pictures + instructions)")
+    a = p.parse_args()
+    make_tiny_teachers(a.teachers, a.general)
