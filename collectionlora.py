@@ -723,7 +723,7 @@ class EditData:
         for i, p, j in tqdm(items, desc="teacher targets", disable=rank > 0):
             self.targets[i, p, j] = teacher_target(pipe, bank, i, p, cfg, teacher_scheduler, j)
         self.general_inputs = [(enc(instruction, image), enc("", image)) for image, instruction in general]
-        # the warm start's flow matching on the general stream learns the base's own edits (else it unlearns them: README)
+        # the warm start's flow matching on the general stream learns the base's own edits (else it unlearns them: examples/LAB_NOTES.md)
         self.general_targets = [teacher_target(pipe, bank, -1, image, cfg, teacher_scheduler, general=instruction)
                                 for image, instruction in tqdm(general, desc="general targets", disable=rank > 0)] if cfg.warmup else []
 

@@ -309,7 +309,7 @@ def test_a_warm_start_is_ta_fm_alone_then_the_critic_starts_as_the_student(teach
 
 
 def test_with_a_warm_start_the_general_stream_learns_the_bare_bases_own_edits(teachers, tmp_path, monkeypatch):
-    """A warm start without the general stream unlearnt the base's edits (README: general edits 32.4 -> 15.0 dB). Its targets are
+    """A warm start without the general stream unlearnt the base's edits (LAB_NOTES: general edits 32.4 -> 15.0 dB). Its targets are
     the stock pipeline's output with no LoRA at all, one per general picture, its instruction; without a warm start, none."""
     calls, sample = [], cl.sample
     monkeypatch.setattr(cl, "sample", lambda *a: calls.append(a) or sample(*a))
@@ -527,7 +527,7 @@ def test_teacher_targets_and_encodings_are_cached(teachers, trained, monkeypatch
 
 
 def test_every_teacher_target_starts_from_its_own_noise_and_again_from_the_same(teachers, tmp_path, monkeypatch):
-    """One noise for every source made most targets of a multi-modal effect one mode (README: issue 11, the targets' noise)."""
+    """One noise for every source made most targets of a multi-modal effect one mode (LAB_NOTES: the teacher targets' noise)."""
     noises, prepare_latents = [], QwenImageEditPlusPipeline.prepare_latents
     monkeypatch.setattr(QwenImageEditPlusPipeline, "prepare_latents",
                         lambda *a, **k: (out := prepare_latents(*a, **k), noises.append(out[0].clone()))[0])
@@ -552,7 +552,7 @@ def test_every_teacher_target_starts_from_its_own_noise_and_again_from_the_same(
 
 def test_k_targets_per_source_each_its_own_noise_every_one_drawn_with_its_own_source(tmp_path, monkeypatch):
     """--targets_per_image K: K teacher outputs per (effect, source), output 0 the K = 1 target itself; the router's pool holds
-    all n * K of them, and a batch pairs each with the inputs of the source it was made from (README: one target per source)."""
+    all n * K of them, and a batch pairs each with the inputs of the source it was made from (LAB_NOTES: one target per source)."""
     make_tiny_teachers(tmp_path / "teachers", tmp_path / "general", n_images=2, effects=EFFECTS[:2])
     router, prepare, sizes, made = cl.Router, cl.prepare, [], []
     monkeypatch.setattr(cl, "Router", lambda n, pool_sizes, *a, **k: sizes.append(pool_sizes) or router(n, pool_sizes, *a, **k))

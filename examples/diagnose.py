@@ -9,7 +9,7 @@ One JSON line per (checkpoint, effect), over `batches` batches (default 24) of 8
 - gradnorm_{dmd,ts,fm}: root mean square over the batches of the L2 norm of d term / d student LoRA;
 - mean_{dmd,ts,fm}: L2 norm of the term's gradient averaged over the batches (pure noise: about gradnorm / sqrt(batches));
 - cos_fm_{dmd,ts}: cosine between that averaged gradient and TA-FM's: > 0, the term also pulls the student towards the
-  teacher outputs; < 0, it pulls against the regression (the README's convergence notes);
+  teacher outputs; < 0, it pulls against the regression (examples/LAB_NOTES.md);
 - fake_vs_real: MSE between the critic's and the teacher's x0 on noised student samples (t ~ U[0, 1000) shifted);
 - x0_vs_real: MSE between those student samples and the teacher's x0;
 - for effects of the toy world (examples/effectbench.py), against the truth z (the VAE latents of the valid output nearest

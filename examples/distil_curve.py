@@ -10,7 +10,7 @@ runs/curves/NAME (teacher targets cached in runs/curves/cache, shared by every r
 checkpoint is measured like the bench's rows (16 held-out sources x 4 seeds) and printed as one JSON line:
 [step, PSNR to the nearest valid output, mode coverage, bad-case ratio, energy score] (curve.json also keeps them per
 effect), then the final student's general edits
-(effectbench.evaluate_general: [PSNR, bad-case ratio] beside the base's). The README's convergence table came from this.
+(effectbench.evaluate_general: [PSNR, bad-case ratio] beside the base's). examples/LAB_NOTES.md's convergence tables came from this.
 --general_images N gives the general stream N pictures (the shipped 16, then more train sources, instructions cycled).
 
     python examples/distil_curve.py s6_x4_nots '{"warmup": 6000, "max_steps": 7500, ...}' --start s5_x4/6000 [--variant fmonly]

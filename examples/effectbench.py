@@ -37,7 +37,7 @@ scores the same whatever the VAE's own error (the VAE's round-trip PSNR is repor
     to the unedited source, than to any valid output of the requested effect;
   * energy score: per source, E|output - valid| - E|output - output'| / 2 over the seeds (RMS pixel distance, valid
     outputs drawn uniformly). Nearest-valid PSNR is a squared error, so it rewards a posterior mean (blur) over a sample;
-    the energy score is a proper score for samples, so it does not (README "Teachers that need CFG");
+    the energy score is a proper score for samples, so it does not (examples/LAB_NOTES.md, "Teachers that need CFG");
   * NFE (transformer calls per edit), wall time per edit (the stock pipeline call, batch 1, one
     CPU thread), adapter bytes (the LoRA files).
 Metrics are computed with a batched copy of the pipeline's loops (sample_teacher / sample_student);
@@ -774,7 +774,7 @@ def lora_config(rank: int):
 IMAGES, GENERAL = 32, 16
 # --quick's default --images: the teachers learnt from all 256 train sources; with 32 of them (and their teacher outputs)
 # the distiller's warm start ended at energy 0.0811, with 240 at 0.0582 and 0.0594, level with the teacher's 8 steps
-# (0.0587; README "The gap was source images with teacher outputs"). It costs 4 x 4 x 240 teacher edits (~13 min, cached).
+# (0.0587; LAB_NOTES.md: "The gap was source images with teacher outputs"). It costs 4 x 4 x 240 teacher edits (~13 min, cached).
 QUICK_IMAGES = 240
 
 
@@ -1389,7 +1389,7 @@ QUICK_EFFECTS = ["tint_any", "roll_right_2", "roll_right_3", "invert"]  # multi-
 # The embedded default (examples/toy/): the quick four plus four that are easy to see at a glance.
 TOY_EFFECTS = QUICK_EFFECTS + ["grayscale", "edges", "pixelate", "duotone_any"]
 TOY = Path(__file__).resolve().parent / "toy"
-# collectionlora knobs for this world: the paper's loop on a CPU-sized schedule, each departure measured in the README
+# collectionlora knobs for this world: the paper's loop on a CPU-sized schedule, each departure measured in examples/LAB_NOTES.md
 # ("Making the student reach its teachers"): rank 64, batch 8, Adam betas (0, 0.99) (the paper's (0.9, 0.999) lost 0.9 dB
 # at 1,500 iterations), p_switch 0.8 and route_every 5 (fewer general periods). The warm start at lr 1e-3 (falling to 0),
 # then the paper's lr 1e-4: the full objective at 1e-3 undid 1.4-3.0 dB of the warm start's fidelity. Four teacher targets
@@ -1397,7 +1397,7 @@ TOY = Path(__file__).resolve().parent / "toy"
 # tint_any's four hues on new sources (59 % of its outputs nearer their mean than to any; with four: 0 %, +4 dB on it).
 # After the warm start the student's lr falls to 0 (--lr_decay; paper: constant): on 240 sources per effect, 1,500
 # iterations of the full objective then ended at energy 0.0588-0.0604 (three draws), against 0.0618 at a constant lr,
-# whose later points swung up to 0.0795 (README "The recipe change, and what is left on the rolls"). TA-FM at the
+# whose later points swung up to 0.0795 (LAB_NOTES.md: "The recipe change, and what is left on the rolls"). TA-FM at the
 # paper's weight 1: w_fm 4 (the bench from 2832bdf to 366c8d9) kept more of a 32-source warm start's fidelity, but was
 # not measured on 240 sources.
 DISTIL_KNOBS = {"rank": 64, "alpha": 64, "warmup_lr": 1e-3, "lr": 1e-4, "critic_lr": 1e-4, "beta1": 0.0, "beta2": 0.99,
@@ -1405,7 +1405,7 @@ DISTIL_KNOBS = {"rank": 64, "alpha": 64, "warmup_lr": 1e-3, "lr": 1e-4, "critic_
                 "w_fm": 1.0, "lr_decay": True}
 # The warm start (--warmup): 3,000 iterations of flow matching on the teacher outputs per effect, ~40 ms each on CPU.
 # Regression gives most of the fidelity at a tenth of the full objective's cost. 1,500 per effect (the bench before
-# 8eec73a) ended 0.8 dB lower at N = 4 in two pairs of runs; 3,000 reach FM on teacher outputs (README, "The general
+# 8eec73a) ended 0.8 dB lower at N = 4 in two pairs of runs; 3,000 reach FM on teacher outputs (LAB_NOTES.md, "The general
 # stream in the warm start").
 WARMUP_PER_EFFECT = 3000
 # --extend K: per new effect, warm-start and full-objective iterations (a fresh run: 1,500 and 375 per effect, for all)
@@ -1471,7 +1471,7 @@ def parser() -> argparse.ArgumentParser:
                    f"{QUICK_IMAGES} with --quick, else {IMAGES}: each costs N x 4 teacher edits)")
     p.add_argument("--guidance", type=float, default=1.0, help="teacher CFG g for the real score, the teacher targets and "
                    "the 'vs teacher' reference: these teachers need none (g = 1 and 2 score alike, g = 5 worst), and at g = 1 "
-                   "their outputs keep their modes (the README's convergence notes)")
+                   "their outputs keep their modes (examples/LAB_NOTES.md)")
     p.add_argument("--extend", type=int, default=0, help="add the next K registry effects to the --effects N student "
                    "(collectionlora --init) and compare with a fresh N+K run; both runs must exist (README, issue 13)")
     p.add_argument("--replay_p", type=float, default=cl.Config.replay_p, help="--extend: the share of effect periods that "

@@ -7,7 +7,7 @@ prediction's PSNR to the nearest valid output, the share nearer the MEAN of the 
     python examples/mode_trajectory.py runs/curves/s5_long 6000 7500          # the shipped 32 images, one target each
 
 A run of examples/distil_curve.py; held-out sources and noise as the bench's rows (16 x 4 seeds); the effect is
-tint_any (--effect NAME for another of the --quick effects). The README's "One teacher target per source" quotes it.
+tint_any (--effect NAME for another of the --quick effects). examples/LAB_NOTES.md's "One teacher target per source" quotes it.
 """
 import argparse
 import sys
