@@ -1408,6 +1408,11 @@ DISTIL_KNOBS = {"rank": 64, "alpha": 64, "warmup_lr": 1e-3, "lr": 1e-4, "critic_
 # 8eec73a) ended 0.8 dB lower at N = 4 in two pairs of runs; 3,000 reach FM on teacher outputs (LAB_NOTES.md, "The general
 # stream in the warm start").
 WARMUP_PER_EFFECT = 3000
+# --quick's (240 sources per effect): 6,000. With many sources more iterations generalise (roll_right_3 alone kept improving
+# through 12,000, 0.0203 -> 0.0165; on 32 sources 4x the iterations had overfit), and after a 24,000-iteration warm start
+# the full method ended at energy 0.0569-0.0593 and 27.21-27.44 dB (three draws) against 0.0588-0.0604 and 26.59-26.97 after
+# 12,000 (LAB_NOTES.md: "The recipe change", "A third draw"). It adds about 10 min to --quick.
+QUICK_WARMUP_PER_EFFECT = 6000
 # --extend K: per new effect, warm-start and full-objective iterations (a fresh run: 1,500 and 375 per effect, for all)
 EXTEND_WARMUP_PER_NEW, EXTEND_FULL_PER_NEW = 2000, 250
 # The paper's ablations, each one knob away from the full method (w/o TA-FM: no flow matching on teacher outputs at all),
@@ -1444,8 +1449,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--effects", type=int, default=50, help="how many effects of the registry (the first N)")
     p.add_argument("--seed", type=int, default=0, help="the world, every model init and every noise draw")
     p.add_argument("--quick", action="store_true", help="the 4 QUICK_EFFECTS with the embedded base, teachers and "
-                   "Lightning LoRA (examples/toy), 240 sources per effect, no ablations: about 45 min on 2 cores (3,840 teacher edits "
-                   "for the distiller and as many for FM on teacher outputs, 12,000 warm-start iterations)")
+                   "Lightning LoRA (examples/toy), 240 sources per effect, no ablations: about 45-55 min on 2 cores (3,840 teacher "
+                   "edits for the distiller and as many for FM on teacher outputs, 24,000 warm-start iterations)")
     p.add_argument("--root", default="runs/effectbench", help="cache folder for every stage")
     p.add_argument("--base", default="", help="a pre-built base folder instead of training one (--quick: examples/toy/base)")
     p.add_argument("--vae_steps", type=int, default=4000, help="VAE training steps (about 0.16 s each; cached, shared)")
@@ -1456,7 +1461,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distil_steps", type=int, default=None, help="collectionlora iterations of the full objective, after "
                    "the warm start (default: 1500 per 4 effects)")
     p.add_argument("--warmup_steps", type=int, default=None, help=f"warm-start iterations (flow matching on the teacher "
-                   f"outputs alone; default: {WARMUP_PER_EFFECT} per effect)")
+                   f"outputs alone; default: {QUICK_WARMUP_PER_EFFECT} per effect with --quick, else {WARMUP_PER_EFFECT})")
     p.add_argument("--curve_every", type=int, default=0, help="checkpoint and measure the student every N iterations "
                    "(report/curve.png; 0 = a sixth of the run)")
     p.add_argument("--lightning_steps", type=int, default=1500, help="iterations of the Lightning LoRA (general stream only)")
@@ -1567,7 +1572,8 @@ def with_images(world: World, teachers: Path, folder: Path, k: int) -> Path:
 
 def distil_plan(n_effects: int, args) -> tuple:
     """(warm-start iterations, all iterations, the folder name) of the distillation of n effects."""
-    warmup = WARMUP_PER_EFFECT * n_effects if args.warmup_steps is None else args.warmup_steps
+    per_effect = QUICK_WARMUP_PER_EFFECT if args.quick else WARMUP_PER_EFFECT
+    warmup = per_effect * n_effects if args.warmup_steps is None else args.warmup_steps
     steps = warmup + (args.distil_steps or 1500 * math.ceil(n_effects / 4))
     # a new lr, K or w_fm: a new run; "gw": the warm start learns the general stream too (collectionlora since c572184)
     k = f"lr{DISTIL_KNOBS['lr']:g}_k{DISTIL_KNOBS['targets_per_image']}_fm{DISTIL_KNOBS['w_fm']:g}_gw"
