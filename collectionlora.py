@@ -490,13 +490,15 @@ def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
         raise InputError(f"{lora_file} is not a readable safetensors LoRA ({type(e).__name__}: "
                          f"{str(e)[:100]}) -- re-download or re-export it") from e
     config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}  # peft LoraConfig fields
-    modules, out, unmatched = dict(transformer.named_modules()), {}, []
-    for key, A in ((k, v) for k, v in sd.items() if ".lora_A." in k):
-        module = key.split(".lora_A.")[0].removeprefix("transformer.").removeprefix("base_model.model.")
-        if module not in modules:
-            unmatched.append(key)
-            continue
-        B, W = sd.get(key.replace(".lora_A.", ".lora_B."), torch.empty(0, 0)), modules[module].weight
+    modules, out = dict(transformer.named_modules()), {}
+    names = {k: k.split(".lora_A.")[0].removeprefix("transformer.").removeprefix("base_model.model.") for k in sd if ".lora_A." in k}
+    if unmatched := [k for k, module in names.items() if module not in modules]:
+        raise InputError(f"{lora_file}: {len(unmatched)} of its LoRA layers are not in the base transformer (e.g. "
+                         f"{', '.join(unmatched[:3])}) -- is this LoRA made for another base model?")
+    if not names:
+        raise InputError(f"{lora_file} holds no LoRA weights (lora_A/lora_B, lora_down/lora_up) -- is it a LoRA?")
+    for key, module in names.items():
+        A, B, W = sd[key], sd.get(key.replace(".lora_A.", ".lora_B."), torch.empty(0, 0)), modules[module].weight
         if B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != W.shape[:2]:  # (a missing B is 0 x 0)
             raise InputError(f"{lora_file}: '{module}' has LoRA shapes {tuple(B.shape)} x {tuple(A.shape)}, the base "
                              f"needs ({W.shape[0]}, r) x (r, {W.shape[1]}) -- is this LoRA for another model size?")
@@ -507,11 +509,6 @@ def read_lora(lora_file: Path, pipeline_cls, transformer) -> dict:
         out[f"{module}.A"], out[f"{module}.B"] = A.float().contiguous(), (B.float() * (alpha / rank)).contiguous()
         if not (out[f"{module}.A"].isfinite().all() and out[f"{module}.B"].isfinite().all()):
             raise InputError(f"{lora_file}: '{module}' holds NaN/inf weights -- the file is broken, re-export it")
-    if unmatched:
-        raise InputError(f"{lora_file}: {len(unmatched)} of its LoRA layers are not in the base transformer (e.g. "
-                         f"{', '.join(unmatched[:3])}) -- is this LoRA made for another base model?")
-    if not out:
-        raise InputError(f"{lora_file} holds no LoRA weights (lora_A/lora_B, lora_down/lora_up) -- is it a LoRA?")
     return out
 
 
@@ -1148,8 +1145,7 @@ def train(cfg: Config) -> Path | None:
     with writing(out / "lora.tmp", need):
         lora = export_lora(pipe, cfg, effects, bank, {"aop": aop, "router_visits": visits, "distance_to_teacher":
                                                       {"before": before, "after": after}}, old)
-    del opt_student, opt_critic  # free Adam's moments and the gradients: the preview needs the encoders back on the device
-    transformer.zero_grad(set_to_none=True)
+    del opt_student, opt_critic  # free Adam's moments (apply_update freed the gradients): the preview needs the encoders back
     with image_sizes(cfg):
         preview = write_preview(pipe, cfg, data)
     if rank > 0:
