@@ -1411,7 +1411,8 @@ WARMUP_PER_EFFECT = 3000
 # --quick's (240 sources per effect): 6,000. With many sources more iterations generalise (roll_right_3 alone kept improving
 # through 12,000, 0.0203 -> 0.0165; on 32 sources 4x the iterations had overfit), and after a 24,000-iteration warm start
 # the full method ended at energy 0.0569-0.0606 (mean 0.0587) and 27.21-27.44 dB (four draws) against 0.0588-0.0604 and
-# 26.59-26.97 after 12,000 (three; LAB_NOTES.md: "The recipe change", "A third draw", "A fourth draw"). It adds about 10 min to --quick.
+# 26.59-26.97 after 12,000 (three; LAB_NOTES.md: "The recipe change", "A third draw", "A fourth draw"). It adds about
+# 10 min to --quick.
 QUICK_WARMUP_PER_EFFECT = 6000
 # --extend K: per new effect, warm-start and full-objective iterations (a fresh run: 1,500 and 375 per effect, for all)
 EXTEND_WARMUP_PER_NEW, EXTEND_FULL_PER_NEW = 2000, 250
