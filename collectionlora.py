@@ -519,6 +519,16 @@ def file_hash(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
+def base_tag(pipe) -> str:
+    """The base in every cache key, not --base's name (a base changed in place or --base tiny with another --seed computes afresh)."""
+    if not hasattr(pipe, "_collectionlora_tag"):  # once: before the encoders may leave and FSDP2 shards the transformer
+        named = [(n.replace(".base_layer", ""), p) for m in (pipe.text_encoder, pipe.vae, pipe.transformer)
+                 for n, p in m.named_parameters() if "lora_" not in n]  # the base's own weights, whatever adapters it carries
+        sample = torch.cat([p.detach().flatten()[:: max(1, p.numel() // 64)][:64].float() for _, p in named]).cpu().numpy()
+        pipe._collectionlora_tag = hashlib.sha256(repr([(n, p.shape) for n, p in named]).encode() + sample.tobytes()).hexdigest()[:16]
+    return pipe._collectionlora_tag
+
+
 def nbytes(obj) -> int:  # the tensor bytes in a nested dict / list: about what torch.save writes
     return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj)) \
         if isinstance(obj, (dict, list, tuple)) else 0
@@ -552,10 +562,8 @@ class TeacherBank:
     rank, scale 1. Swapping in a rank-r teacher is exact: A -> first r rows of A_slot, scale*B -> first r columns of B_slot, zeros."""
     def __init__(self, effects: list, pipe, cache: Path):
         self.effects, self.active = effects, None
-        config = sorted((k, v) for k, v in pipe.transformer.config.items() if not k.startswith("_"))  # "_use_default_values"
-        base_tag = hashlib.sha256(repr(config).encode()).hexdigest()[:8]  # is a list in set order: it differs per process
         self.hashes = [file_hash(e.lora_file) for e in effects]  # content hashes: a changed file is a new teacher
-        self.files = [cache / "loras" / f"{h}-{base_tag}.safetensors" for h in self.hashes]
+        self.files = [cache / "loras" / f"{h}-{base_tag(pipe)}.safetensors" for h in self.hashes]
         new = [(e, f) for e, f in zip(effects, self.files) if not f.exists()]
         for e, _ in new:  # check every new file before writing any: a bad teacher leaves nothing behind
             read_lora(e.lora_file, type(pipe), pipe.transformer)
@@ -668,7 +676,7 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
     _, (vw, vh) = _qwen_sizes(image)
     text = e.instruction if e else general
     seed = cfg.seed + int(hashlib.sha256((file_hash(image_path) + text + (f"/{j}" if j else "")).encode()).hexdigest()[:15], 16)
-    inputs = [cfg.base, bank.hashes[index] if e else "base", seed, vw, vh, e.weight if e else 1.0, cfg.teacher_steps, cfg.guidance]
+    inputs = [base_tag(pipe), bank.hashes[index] if e else "base", seed, vw, vh, e.weight if e else 1.0, cfg.teacher_steps, cfg.guidance]
     path = cfg.cache / "targets" / f"{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:24]}.pt"  # all it depends on
     if path.exists():
         return torch.load(path, weights_only=True)
@@ -685,7 +693,7 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
 def cached_encode(pipe, image_path: Path, prompt: str, cfg: Config) -> EditInputs:
     """encode(), cached on disk, read back memory-mapped: the encoders run once per input across runs, RAM does not grow with data."""
     image = Image.open(image_path).convert("RGB")
-    key = hashlib.sha256(json.dumps([cfg.base, file_hash(image_path), prompt, _qwen_sizes(image)]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([base_tag(pipe), file_hash(image_path), prompt, _qwen_sizes(image)]).encode()).hexdigest()[:24]
     path = cfg.cache / "inputs" / f"{key}.pt"
     if not path.exists():
         c = encode(pipe, image, prompt)
@@ -917,9 +925,8 @@ def deferred_signals():
         if caught and int(os.environ.get("WORLD_SIZE", 1)) == 1:
             raise KeyboardInterrupt
         caught.append(signum)
-    caught, old = [], {}
-    if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    caught, main_thread = [], threading.current_thread() is threading.main_thread()  # Python delivers signals to it only
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         yield caught
     finally:
@@ -1002,12 +1009,9 @@ def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict
 def distances_to_teachers(transformer, data: EditData, sigmas, adapter: str | None, seeds=(0, 1)) -> list:
     """Per effect, on its first source: latent MSE of the 8-step output to the teacher's; a private RNG leaves training's draws alone."""
     use_adapter(transformer, adapter)
-    out = []
-    for i, pool in enumerate(data.pools):
-        c, y = data.effect_inputs[i, pool[0]][0].to(sigmas.device), data.targets[i, pool[0], 0].to(sigmas.device)
-        out.append(sum(F.mse_loss(backward_simulation(transformer, c, sigmas, len(sigmas), torch.Generator(sigmas.device).manual_seed(s)),
-                                  y).item() for s in seeds) / len(seeds))
-    return out
+    device, first = sigmas.device, [(data.effect_inputs[i, p[0]][0], data.targets[i, p[0], 0]) for i, p in enumerate(data.pools)]
+    return [sum(F.mse_loss(backward_simulation(transformer, c.to(device), sigmas, len(sigmas), torch.Generator(device).manual_seed(s)),
+                           y.to(device)).item() for s in seeds) / len(seeds) for c, y in first]
 
 
 def write_preview(pipe, cfg: Config, data: EditData, name: str = "preview.png", rows: int = 16, gap: int = 2) -> Path:

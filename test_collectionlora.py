@@ -526,6 +526,22 @@ def test_teacher_targets_and_encodings_are_cached(teachers, trained, monkeypatch
     assert torch.equal(cached.embeds, fresh.embeds) and torch.equal(cached.image_latents, fresh.image_latents)
 
 
+def test_another_base_in_the_same_cache_encodes_and_computes_its_targets_afresh(teachers, trained):
+    """The cache keys hold the base's weights, not --base's name: --base tiny with another --seed (or a base changed in place)
+    must not read the encodings and teacher targets of the trained run (seed 0) from its cache."""
+    cfg = tiny_config(teachers, trained[0])
+    effects, n_targets = cl.read_teachers(cfg.teachers), len(list((cfg.cache / "targets").glob("*.pt")))
+    image, text = effects[0].images[0], effects[0].instruction
+    pipes = [build_tiny_pipeline(seed) for seed in (0, 1)]
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+    fresh = [cl.encode(pipe, Image.open(image).convert("RGB"), text).embeds for pipe in pipes]
+    assert not torch.equal(fresh[0], fresh[1])  # the two bases do differ
+    assert all(torch.equal(cl.cached_encode(pipe, image, text, cfg).embeds, f) for pipe, f in zip(pipes, fresh))
+    y = [cl.teacher_target(pipe, cl.TeacherBank(effects, pipe, cfg.cache), 0, image, cfg, pipe.scheduler) for pipe in pipes]
+    assert len(list((cfg.cache / "targets").glob("*.pt"))) == n_targets + 1 and not torch.equal(*y)  # seed 0's was cached
+
+
 def test_every_teacher_target_starts_from_its_own_noise_and_again_from_the_same(teachers, tmp_path, monkeypatch):
     """One noise for every source made most targets of a multi-modal effect one mode (LAB_NOTES: the teacher targets' noise)."""
     noises, prepare_latents = [], QwenImageEditPlusPipeline.prepare_latents
@@ -872,8 +888,8 @@ def test_same_seed_and_inputs_give_a_bit_identical_student(teachers, tmp_path):
 
 
 def test_the_normalised_teachers_cache_is_found_again_by_another_process(teachers, tmp_path):
-    """The cache names hold a tag of the base's config; diffusers' `_use_default_values` lists its keys in set order, which
-    changes with the process's hash seed (found by examples/bench_teachers.py: every run normalised every teacher again)."""
+    """The cache names hold a tag of the base; once it hashed diffusers' `_use_default_values`, which lists its keys in set order,
+    changing with the process's hash seed (found by examples/bench_teachers.py: every run normalised every teacher again)."""
     code = ("import sys; sys.path.insert(0, 'examples'); import collectionlora as cl; "
             "from make_tiny_teachers import build_tiny_pipeline; from pathlib import Path; "
             "pipe = build_tiny_pipeline(0); "
