@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -1423,16 +1424,32 @@ def test_effectbench_energy_score_is_zero_for_exact_samples_and_half_the_distanc
     assert eb.energy_score(a, a[None], 1) is None  # no spread term from one seed
 
 
-def test_effectbench_part_2_bar_needs_the_energy_score_at_or_below_the_teachers_8_steps_and_fm_on_their_outputs():
+def test_effectbench_part_2_bar_needs_the_energy_score_below_both_rows_beyond_2_standard_errors():
     row = lambda psnr, energy: {"psnr_valid": psnr, "bad_case": 0.0, "coverage": None, "energy": energy}
     walls = {"seconds_teacher_40_cfg": 1.0, "seconds_collectionlora_8": 0.1}
-    bar = "energy score <= the teacher's 8 plain steps and FM on its outputs"
-    for ours, passed in ((0.05, True), (0.06, True), (0.061, False)):  # the teacher's 8 steps 0.07, FM on its outputs 0.06
-        rows = {"teacher_40_g1": row(26.0, 0.05), "teacher_8": row(28.0, 0.07), "fm_teacher_8": row(26.0, 0.06),
-                "fm_teacher+lightning_8": row(18.0, 0.1), "merge_cat+lightning_8": row(12.0, 0.2), "collectionlora_8": row(25.0, ours)}
-        assert eb.check_bars(rows, {}, walls, [])[bar]["passed"] is passed
-    rows["teacher_8"]["energy"] = None  # a run measured with one seed has no energy score: no bar, rather than a wrong one
-    assert bar not in eb.check_bars(rows, {}, walls, [])
+    rows = {"teacher_40_g1": row(26.0, 0.05), "teacher_8": row(28.0, 0.07), "fm_teacher_8": row(26.0, 0.06),
+            "fm_teacher+lightning_8": row(18.0, 0.1), "merge_cat+lightning_8": row(12.0, 0.2), "collectionlora_8": row(25.0, 0.05)}
+    noise = [0.001, -0.001, 0.002, -0.002]  # four 4-seed replicates per row (16 seeds); the student's in the other order
+    precise = lambda level, jitter, order=1: {"e": {"pooled": level, "replicates": [level + jitter * x for x in noise[::order]]}}
+    bar = "energy score (16 seeds) below the teacher's 8 plain steps and FM on its outputs beyond 2 standard errors"
+    for ours, jitter, passed in ((0.055, 1, True), (0.0595, 1, False), (0.0575, 0, True), (0.0595, 0, False), (0.061, 1, False)):
+        p = {"teacher_8": precise(0.06, 1), "fm_teacher_8": precise(0.062, 1), "collectionlora_8": precise(ours, jitter, -1)}
+        assert eb.check_bars(rows, {}, walls, [], p)[bar]["passed"] is passed, (ours, jitter)
+    d = [0.0595 - (0.06 + x) for x in noise]  # the paired replicates' differences, by hand: se = their sd / sqrt(4)
+    diff, se = eb.energy_difference(p | {"collectionlora_8": precise(0.0595, 0)}, "collectionlora_8", "teacher_8")
+    assert diff == pytest.approx(-0.0005) and se == pytest.approx(statistics.stdev(d) / 2)
+    assert not any(k.startswith("energy score") for k in eb.check_bars(rows, {}, walls, []))  # no many-seed energy: no bar
+
+
+def test_effectbench_energy_replicates_at_4_seeds_are_the_tables_number_and_split_more_seeds_into_replicates():
+    world = eb.build_world({"tint_any": eb.effect_registry()["tint_any"]}, 0)
+    pipe = eb.load_all(eb.TOY / "base", world.effects, eb.TOY / "teachers", {})
+    methods = {"teacher_8": eb.Method(lambda e: [e.name])}
+    table = eb.evaluate(world, world.effects, pipe, methods, 4, "teacher_8", quiet=True)["results"]["tint_any"]["teacher_8"]
+    four = eb.energy_replicates(world, world.effects, pipe, methods, 4)["teacher_8"]["tint_any"]
+    assert four["pooled"] == four["replicates"][0] == table["energy"]  # the same samples as the table's row
+    eight = eb.energy_replicates(world, world.effects, pipe, methods, 8)["teacher_8"]["tint_any"]
+    assert len(eight["replicates"]) == 2 and sum(eight["shares"]) == pytest.approx(1.0) and 0 <= eight["imbalance"] <= 0.75
 
 
 def test_effectbench_mode_coverage_is_the_normalised_entropy():

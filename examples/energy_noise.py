@@ -1,0 +1,106 @@
+"""How far the bench's energy score moves for one fixed model, and rows measured at many sampling seeds.
+
+    python examples/energy_noise.py --bench runs/effectbench/seed0/quick_t600_toy_img240 --seeds 128 \
+        --rows teacher_40_g1,teacher_8,fm_teacher_8,collectionlora_8 [--checkpoints RUN/STEP,... --curves runs/curves --seed 3]
+
+The rows of a finished `effectbench.py --quick` run (its teachers, its FM LoRAs, its student and ablations: the table's
+names) and any `distil_curve.py` checkpoint (RUN/STEP under --curves, its AOP prompts chosen for --seed) are sampled as the
+bench samples them (effectbench.energy_replicates), on the same 16 held-out sources, with S seeds per source instead of the
+bench's 4 (--seeds 4 gives the bench's numbers to every digit). Printed per row: the energy score over all S seeds, and the
+S/4 replicates of the bench's own 4-seed number (mean, sd, range: how far one bench number moves for the same model), per
+effect; for a multi-modal effect, how often each valid output is the nearest and how unevenly per source (total variation
+from 1/K, averaged over sources: about 0.06 at 128 seeds for perfectly even samples); then every pair of rows, their
+difference with a standard error from the paired replicates. --out keeps every number (JSON). examples/LAB_NOTES.md,
+"The energy score's noise (session 22)", came from this.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from peft.utils import set_peft_model_state_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import effectbench as eb  # noqa: E402
+
+
+def rows_of(bench: Path, curves: Path, checkpoints: list, seed: int) -> tuple:
+    """({adapter: folder}, {checkpoint adapter: state file}, {row: Method}) for a --quick bench folder and curve checkpoints."""
+    students = sorted((d for d in bench.glob("distil_*") if (d / "lora").is_dir()), key=lambda d: d.stat().st_mtime)
+    main = [d for d in students if "_no_" not in d.name and "_dmd_only" not in d.name]
+    if not main:
+        raise SystemExit(f"error: --bench '{bench}' holds no finished distillation (distil_*/lora) -- run effectbench.py --quick first")
+    student = main[-1]
+    print(f"the student: {student.name}")
+    loras = {"collectionlora": student / "lora", "fm_baseline": bench / "fm_lora",
+             "fm_teacher": next(bench.glob("fm_teacher_lora_*"), bench / "fm_teacher_lora")}
+    loras |= {d.name[len(student.name) + 1:]: d / "lora" for d in students if d.name.startswith(student.name + "_")}
+    loras = {k: v for k, v in loras.items() if v.is_dir()}
+    prompts, own, M = eb.student_prompts(student / "lora"), (lambda e: [e.name]), eb.Method
+    methods = {f"teacher_40_g{g:g}": M(own, None, g) for g in (1.0, 2.0, 3.0, 5.0)} | {"teacher_8": M(own)}
+    methods |= {"fm_8": M(lambda e: ["fm_baseline"], prompts), "fm_teacher_8": M(lambda e: ["fm_teacher"], prompts),
+                "collectionlora_8": M(lambda e: ["collectionlora"], prompts)}
+    methods |= {f"{a}_8": M(lambda e, a=a: [a], eb.student_prompts(loras[a])) for a in loras if a.startswith(("no_", "dmd_"))}
+    states, theirs = {}, eb.planned_prompts(bench / "teachers", eb.TOY / "base", seed) if checkpoints else {}
+    for i, ck in enumerate(checkpoints):  # a checkpoint's student, loaded into a copy of the bench student's adapter
+        run, step = ck.rsplit("/", 1)
+        states[f"ck{i}"] = curves / run / "checkpoints" / f"step_{int(step):08d}.pt"
+        if not states[f"ck{i}"].is_file():
+            raise SystemExit(f"error: --checkpoints '{ck}': no {states[f'ck{i}']} -- pass RUN/STEP of a run under --curves")
+        loras[f"ck{i}"], methods[ck] = student / "lora", M(lambda e, a=f"ck{i}": [a], theirs)
+    return loras, states, methods
+
+
+def report(results: dict) -> list:
+    mean = lambda v: sum(v) / len(v)
+    sd = lambda v: math.sqrt(sum((x - mean(v)) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan  # one replicate: none
+    bench_number = {m: [mean(vals) for vals in zip(*(r["replicates"] for r in per.values()))] for m, per in results.items()}
+    lines = ["| row | energy, all seeds | the bench's 4-seed number: mean / sd / range | per effect: all seeds (sd of its 4-seed number) "
+             "| multi-modal: shares of the valid outputs, per-source imbalance |", "|---|---|---|---|---|"]
+    for m, per in results.items():
+        b = bench_number[m]
+        modal = "; ".join(f"{e} {[round(s, 3) for s in r['shares']]}, {r['imbalance']:.3f}" for e, r in per.items() if "shares" in r)
+        lines.append(f"| {m} | {mean([r['pooled'] for r in per.values()]):.4f} | {mean(b):.4f} / {sd(b):.4f} / {min(b):.4f}-{max(b):.4f} | "
+                     + ", ".join(f"{e} {r['pooled']:.4f} ({sd(r['replicates']):.4f})" for e, r in per.items()) + f" | {modal} |")
+    lines += ["", "| row - row | difference (all seeds) | standard error | per effect |", "|---|---|---|---|"]
+    names = list(results)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            diff, se = eb.energy_difference(results, a, b)
+            per = ", ".join(f"{e} {results[a][e]['pooled'] - results[b][e]['pooled']:+.4f}" for e in results[a])
+            lines.append(f"| {a} - {b} | {diff:+.4f} | {se:.4f} | {per} |")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bench", required=True, help="a finished effectbench --quick folder: <root>/seed0/quick_t600_toy_img<K>")
+    p.add_argument("--rows", default="teacher_40_g1,teacher_8,fm_teacher_8,collectionlora_8", help="comma-separated table rows")
+    p.add_argument("--checkpoints", default="", help="comma-separated RUN/STEP of distil_curve.py runs under --curves")
+    p.add_argument("--curves", default="runs/curves", help="distil_curve.py's --root")
+    p.add_argument("--seed", type=int, default=0, help="the --seed the checkpoints' runs were made with (their AOP prompts)")
+    p.add_argument("--seeds", type=int, default=128, help="sampling seeds per held-out source (a multiple of 4; the bench: 4)")
+    p.add_argument("--out", default="", help="write every number here (JSON)")
+    args = p.parse_args(argv)
+    if args.seeds < 4 or args.seeds % 4:
+        p.error(f"--seeds {args.seeds}: pass a multiple of 4 (each 4 seeds are one replicate of the bench's number)")
+    torch.set_num_threads(1)
+    bench, checkpoints = Path(args.bench), [c for c in args.checkpoints.split(",") if c]
+    world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
+    loras, states, methods = rows_of(bench, Path(args.curves), checkpoints, args.seed)
+    if unknown := [r for r in args.rows.split(",") if r and r not in methods]:
+        p.error(f"--rows: {', '.join(unknown)} not in this bench folder (it has {', '.join(m for m in methods if m not in checkpoints)})")
+    pipe = eb.load_all(eb.TOY / "base", world.effects, bench / "teachers", loras)
+    for adapter, state in states.items():
+        set_peft_model_state_dict(pipe.transformer, torch.load(state, weights_only=True)["student"], adapter_name=adapter)
+    chosen = {m: methods[m] for m in [r for r in args.rows.split(",") if r] + checkpoints}
+    results = eb.energy_replicates(world, world.effects, pipe, chosen, args.seeds)
+    print("\n".join(report(results)))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
