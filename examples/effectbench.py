@@ -37,7 +37,9 @@ scores the same whatever the VAE's own error (the VAE's round-trip PSNR is repor
     to the unedited source, than to any valid output of the requested effect;
   * energy score: per source, E|output - valid| - E|output - output'| / 2 over the seeds (RMS pixel distance, valid
     outputs drawn uniformly). Nearest-valid PSNR is a squared error, so it rewards a posterior mean (blur) over a sample;
-    the energy score is a proper score for samples, so it does not (examples/LAB_NOTES.md, "Teachers that need CFG");
+    the energy score is a proper score for samples, so it does not (examples/LAB_NOTES.md, "Teachers that need CFG"). At
+    4 seeds one model's score moves by sd ~0.002 (mostly the multi-modal effects): part 2's bar samples its three rows
+    again at --energy_seeds (64) and compares them with standard errors (LAB_NOTES.md, "The energy score's noise");
   * NFE (transformer calls per edit), wall time per edit (the stock pipeline call, batch 1, one
     CPU thread), adapter bytes (the LoRA files).
 Metrics are computed with a batched copy of the pipeline's loops (sample_teacher / sample_student);
