@@ -527,9 +527,10 @@ def test_teacher_targets_and_encodings_are_cached(teachers, trained, monkeypatch
     assert torch.equal(cached.embeds, fresh.embeds) and torch.equal(cached.image_latents, fresh.image_latents)
 
 
-def test_another_base_in_the_same_cache_encodes_and_computes_its_targets_afresh(teachers, trained):
+def test_another_base_in_the_same_cache_encodes_and_computes_its_targets_afresh(teachers, trained, monkeypatch):
     """The cache keys hold the base's weights, not --base's name: --base tiny with another --seed (or a base changed in place)
-    must not read the encodings and teacher targets of the trained run (seed 0) from its cache."""
+    must not read the encodings and teacher targets of the trained run (seed 0) from its cache; the same base under
+    another name (a copy elsewhere) must."""
     cfg = tiny_config(teachers, trained[0])
     effects, n_targets = cl.read_teachers(cfg.teachers), len(list((cfg.cache / "targets").glob("*.pt")))
     image, text = effects[0].images[0], effects[0].instruction
@@ -541,6 +542,9 @@ def test_another_base_in_the_same_cache_encodes_and_computes_its_targets_afresh(
     assert all(torch.equal(cl.cached_encode(pipe, image, text, cfg).embeds, f) for pipe, f in zip(pipes, fresh))
     y = [cl.teacher_target(pipe, cl.TeacherBank(effects, pipe, cfg.cache), 0, image, cfg, pipe.scheduler) for pipe in pipes]
     assert len(list((cfg.cache / "targets").glob("*.pt"))) == n_targets + 1 and not torch.equal(*y)  # seed 0's was cached
+    monkeypatch.setattr(type(pipes[0]), "encode_prompt", lambda *a, **k: pytest.fail("text encoder re-run for a renamed base"))
+    renamed = dataclasses.replace(cfg, base=str(trained[0] / "a copy of the base"))
+    assert torch.equal(cl.cached_encode(build_tiny_pipeline(0), image, text, renamed).embeds, fresh[0])
 
 
 def test_every_teacher_target_starts_from_its_own_noise_and_again_from_the_same(teachers, tmp_path, monkeypatch):
