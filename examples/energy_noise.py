@@ -4,14 +4,15 @@
         --rows teacher_40_g1,teacher_8,fm_teacher_8,collectionlora_8 [--checkpoints RUN/STEP,... --curves runs/curves --seed 3]
 
 The rows of a finished `effectbench.py --quick` run (its teachers, its FM LoRAs, its student and ablations: the table's
-names) and any `distil_curve.py` checkpoint (RUN/STEP under --curves, its AOP prompts chosen for --seed) are sampled as the
-bench samples them (effectbench.energy_replicates), on the same 16 held-out sources, with S seeds per source instead of the
-bench's 4 (--seeds 4 gives the bench's numbers to every digit). Printed per row: the energy score over all S seeds, and the
-S/4 replicates of the bench's own 4-seed number (mean, sd, range: how far one bench number moves for the same model), per
-effect; for a multi-modal effect, how often each valid output is the nearest and how unevenly per source (total variation
-from 1/K, averaged over sources: about 0.06 at 128 seeds for perfectly even samples); then every pair of rows, their
-difference with a standard error from the paired replicates. --out keeps every number (JSON). examples/LAB_NOTES.md,
-"The energy score's noise (session 22)", came from this.
+names) and any `distil_curve.py` checkpoint (RUN/STEP under --curves, with the prompts of RUN/lora if the run finished,
+else the AOP prompts chosen for --seed) are sampled as the bench samples them (effectbench.energy_replicates), on the same
+16 held-out sources, with S seeds per source instead of the bench's 4 (--seeds 4 gives the bench's numbers to every
+digit). Printed per row: the energy score over all S seeds, and the S/4 replicates of the bench's own 4-seed number
+(mean, sd, range: how far one bench number moves for the same model), per effect; for a multi-modal effect, how often
+each valid output is the nearest and how unevenly per source (total variation from 1/K, averaged over sources: about
+0.06 at 128 seeds for perfectly even samples); then every pair of rows, their difference with a standard error from the
+paired replicates. --out keeps every number (JSON). examples/LAB_NOTES.md, "The energy score's noise (session 22)",
+came from this.
 """
 import argparse
 import json
@@ -49,7 +50,9 @@ def rows_of(bench: Path, curves: Path, checkpoints: list, seed: int) -> tuple:
         states[f"ck{i}"] = curves / run / "checkpoints" / f"step_{int(step):08d}.pt"
         if not states[f"ck{i}"].is_file():
             raise SystemExit(f"error: --checkpoints '{ck}': no {states[f'ck{i}']} -- pass RUN/STEP of a run under --curves")
-        loras[f"ck{i}"], methods[ck] = student / "lora", M(lambda e, a=f"ck{i}": [a], theirs)
+        own_prompts = curves / run / "lora" / "collectionlora.json"  # a finished run's own (e.g. --no-aop: the instructions)
+        loras[f"ck{i}"], methods[ck] = student / "lora", M(lambda e, a=f"ck{i}": [a],
+                                                           eb.student_prompts(own_prompts.parent) if own_prompts.is_file() else theirs)
     return loras, states, methods
 
 
