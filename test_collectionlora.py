@@ -1472,6 +1472,10 @@ def test_effectbench_a_zero_count_is_one_line_exit_2_before_any_stage(tmp_path, 
         assert eb.main(["--effects", "2", flag, "0", "--root", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"error: {flag} 0 is below 1" in err and not any(tmp_path.iterdir())
+    for n in ("6", "4", "-8"):  # part 2's bar needs whole 4-seed replicates, at least two of them
+        assert eb.main(["--effects", "2", "--energy_seeds", n, "--root", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: --energy_seeds {n}: pass a multiple of 4 from 8" in err and not any(tmp_path.iterdir())
 
 
 def test_effectbench_in_parallel_runs_each_stage_in_its_own_process_and_reports_a_failure(tmp_path):

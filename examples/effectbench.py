@@ -1518,7 +1518,7 @@ def parser() -> argparse.ArgumentParser:
                    help="processes for the independent stages (teachers; students, FM, Lightning), one core each")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per held-out source")
     p.add_argument("--energy_seeds", type=int, default=64, help="seeds per held-out source for part 2's bar: the energy score of "
-                   "collectionlora_8, teacher_8 and fm_teacher_8 with standard errors (a multiple of 4; 0 = no bar)")
+                   "collectionlora_8, teacher_8 and fm_teacher_8 with standard errors (a multiple of 4 from 8; 0 = no bar)")
     p.add_argument("--images", type=int, default=None, help=f"source images per effect that the distiller (and the FM "
                    f"baselines) get, each with its teacher targets; the teachers trained on all 256 train sources (default: "
                    f"{QUICK_IMAGES} with --quick, else {IMAGES}: each costs N x 4 teacher edits)")
@@ -1854,9 +1854,9 @@ def main(argv=None) -> int:
         if (value := getattr(args, flag)) is not None and value < 1:  # 0 would fall back to a default (or divide by it)
             print(f"error: --{flag} {value} is below 1 -- pass a positive count, or leave it out for the default", file=sys.stderr)
             return 2
-    if args.energy_seeds < 0 or args.energy_seeds % 4:
-        print(f"error: --energy_seeds {args.energy_seeds}: pass a multiple of 4 (each 4 seeds one replicate), or 0 for no part-2 bar",
-              file=sys.stderr)
+    if args.energy_seeds < 0 or args.energy_seeds % 4 or args.energy_seeds == 4:  # one replicate has no standard error
+        print(f"error: --energy_seeds {args.energy_seeds}: pass a multiple of 4 from 8 (each 4 seeds one replicate), or 0 for "
+              f"no part-2 bar", file=sys.stderr)
         return 2
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs} is below 1 -- pass the number of processes to use (1 = one at a time)", file=sys.stderr)
