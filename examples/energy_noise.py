@@ -27,12 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import effectbench as eb  # noqa: E402
 
 
+def refuse(message: str) -> None:
+    """Bad input: one line on stderr and exit code 2, as the CLIs here do."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def rows_of(bench: Path, curves: Path, checkpoints: list, seed: int) -> tuple:
     """({adapter: folder}, {checkpoint adapter: state file}, {row: Method}) for a --quick bench folder and curve checkpoints."""
     students = sorted((d for d in bench.glob("distil_*") if (d / "lora").is_dir()), key=lambda d: d.stat().st_mtime)
     main = [d for d in students if "_no_" not in d.name and "_dmd_only" not in d.name]
     if not main:
-        raise SystemExit(f"error: --bench '{bench}' holds no finished distillation (distil_*/lora) -- run effectbench.py --quick first")
+        refuse(f"--bench '{bench}' holds no finished distillation (distil_*/lora) -- run effectbench.py --quick first")
     student = main[-1]
     print(f"the student: {student.name}")
     loras = {"collectionlora": student / "lora", "fm_baseline": bench / "fm_lora",
@@ -49,7 +55,7 @@ def rows_of(bench: Path, curves: Path, checkpoints: list, seed: int) -> tuple:
         run, step = ck.rsplit("/", 1)
         states[f"ck{i}"] = curves / run / "checkpoints" / f"step_{int(step):08d}.pt"
         if not states[f"ck{i}"].is_file():
-            raise SystemExit(f"error: --checkpoints '{ck}': no {states[f'ck{i}']} -- pass RUN/STEP of a run under --curves")
+            refuse(f"--checkpoints '{ck}': no {states[f'ck{i}']} -- pass RUN/STEP of a run under --curves")
         own_prompts = curves / run / "lora" / "collectionlora.json"  # a finished run's own (e.g. --no-aop: the instructions)
         loras[f"ck{i}"], methods[ck] = student / "lora", M(lambda e, a=f"ck{i}": [a],
                                                            eb.student_prompts(own_prompts.parent) if own_prompts.is_file() else theirs)
