@@ -1094,10 +1094,14 @@ def energy_replicates(world: World, effects: list, pipe, methods: dict, seeds: i
     return results
 
 
+def row_replicates(precise: dict, m: str) -> list:
+    """Row m's 4-seed replicates of energy_replicates(), averaged over the effects: the table's number, once per 4 seeds."""
+    return [sum(v) / len(v) for v in zip(*(r["replicates"] for r in precise[m].values()))]
+
+
 def energy_difference(precise: dict, a: str, b: str) -> tuple:
     """(row a's energy - row b's over all seeds, its standard error from the paired 4-seed replicates) of energy_replicates()."""
-    per_row = {m: [sum(v) / len(v) for v in zip(*(r["replicates"] for r in precise[m].values()))] for m in (a, b)}
-    d = [x - y for x, y in zip(per_row[a], per_row[b])]
+    d = [x - y for x, y in zip(row_replicates(precise, a), row_replicates(precise, b))]
     mean = lambda v: sum(v) / len(v)
     se = (sum((x - mean(d)) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
     return mean([r["pooled"] for r in precise[a].values()]) - mean([r["pooled"] for r in precise[b].values()]), se

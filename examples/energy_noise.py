@@ -65,11 +65,10 @@ def rows_of(bench: Path, curves: Path, checkpoints: list, seed: int) -> tuple:
 def report(results: dict) -> list:
     mean = lambda v: sum(v) / len(v)
     sd = lambda v: math.sqrt(sum((x - mean(v)) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan  # one replicate: none
-    bench_number = {m: [mean(vals) for vals in zip(*(r["replicates"] for r in per.values()))] for m, per in results.items()}
     lines = ["| row | energy, all seeds | the bench's 4-seed number: mean / sd / range | per effect: all seeds (sd of its 4-seed number) "
              "| multi-modal: shares of the valid outputs, per-source imbalance |", "|---|---|---|---|---|"]
     for m, per in results.items():
-        b = bench_number[m]
+        b = eb.row_replicates(results, m)
         modal = "; ".join(f"{e} {[round(s, 3) for s in r['shares']]}, {r['imbalance']:.3f}" for e, r in per.items() if "shares" in r)
         lines.append(f"| {m} | {mean([r['pooled'] for r in per.values()]):.4f} | {mean(b):.4f} / {sd(b):.4f} / {min(b):.4f}-{max(b):.4f} | "
                      + ", ".join(f"{e} {r['pooled']:.4f} ({sd(r['replicates']):.4f})" for e, r in per.items()) + f" | {modal} |")
