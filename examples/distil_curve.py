@@ -18,7 +18,8 @@ effect), then the final student's general edits
 --start RUN/STEP continues another run's checkpoint (copied into the new run) with these knobs; --variant patches one
 change into collectionlora for this process, for experiments that have no knob: fmonly (DMD and TS terms 0: TA-FM
 alone), decay (collectionlora --lr_decay, once a patch: the student's lr falls linearly to 0 after the warm start;
-since session 19 DISTIL_KNOBS sets it, so the rows measured at a constant lr need '{"lr_decay": false}'), reseed (other noise after the resume),
+since session 19 DISTIL_KNOBS sets it, so the rows measured at a constant lr need '{"lr_decay": false}'; likewise eight
+teacher targets per source since session 23: the earlier rows had '{"targets_per_image": 4}'), reseed (other noise after the resume),
 critic_first (the first 500 steps after the warm start train the critic alone: the fake score learns the student's
 samples before DMD follows it), beta1 (the student's Adam beta1 0.9, the official value, after the resume: its
 updates average the gradients of about 10 student steps instead of following each batch's), dmd_sigma_uniform / dmd_sigma_low

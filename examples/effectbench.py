@@ -776,7 +776,7 @@ def lora_config(rank: int):
 IMAGES, GENERAL = 32, 16
 # --quick's default --images: the teachers learnt from all 256 train sources; with 32 of them (and their teacher outputs)
 # the distiller's warm start ended at energy 0.0811, with 240 at 0.0582 and 0.0594, level with the teacher's 8 steps
-# (0.0587; LAB_NOTES.md: "The gap was source images with teacher outputs"). It costs 4 x 4 x 240 teacher edits (~13 min, cached).
+# (0.0587; LAB_NOTES.md: "The gap was source images with teacher outputs"). It costs 4 x 8 x 240 teacher edits (~26 min, cached).
 QUICK_IMAGES = 240
 
 
@@ -1065,28 +1065,40 @@ def energy_score(out: torch.Tensor, valid: torch.Tensor, seeds: int) -> float | 
 
 
 @torch.no_grad()
+def held_out_samples(world: World, effects: list, pipe, methods: dict, seeds: int):
+    """What evaluate() and energy_replicates() measure: every row's samples of every effect on every (held-out source, seed),
+    per effect {row: (pixels (seeds * n, 3, H, W) seed-major, NFE, seconds)}. The noise depends on the seed and source only:
+    each row, and each effect, gets the same draws."""
+    test, n = world.test, len(world.test)
+    src = pack(pipe, test)                                   # (n, L, 16)
+    rep = lambda t: t.repeat(seeds, *[1] * (t.ndim - 1))  # (n, ...) -> (seeds * n, ...), seed-major
+    reps = lambda p: Prompts(rep(p.embeds), rep(p.mask))
+    empty, t_sig = reps(encode_prompts(pipe, test, [""] * n)), teacher_sigmas(pipe.scheduler, 40, src.shape[1])
+    noise = torch.randn((seeds * n, *src.shape[1:]), generator=torch.Generator().manual_seed(1))
+    for e in effects:
+        encoded, runs = {}, {}
+        for m, spec in methods.items():
+            text = e.instruction if spec.prompts is None else spec.prompts[e.name]
+            if text not in encoded:
+                encoded[text] = reps(encode_prompts(pipe, test, [text] * n))
+            x, nfe, secs = run_method(pipe, spec, e, noise, rep(src), encoded[text], empty, t_sig)
+            runs[m] = (unpack(pipe, x), nfe, secs)
+        yield e, runs
+
+
 def energy_replicates(world: World, effects: list, pipe, methods: dict, seeds: int) -> dict:
     """The energy score at many seeds, sampled as evaluate() samples (seeds = 4 gives its numbers): {row: {effect: {"pooled": over
     all seeds, "replicates": one 4-seed score per 4 seeds (how far evaluate()'s number moves for the same model; their spread
     gives standard errors), for K > 1 "shares": how often each valid output is the nearest, "imbalance": how unevenly per
     source (total variation from 1/K, averaged over the sources)}}}. examples/energy_noise.py prints it for any rows."""
-    test, n = world.test, len(world.test)
-    src = pack(pipe, test)
-    rt = lambda x: unpack(pipe, pack(pipe, x))
-    rep = lambda t: t.repeat(seeds, *[1] * (t.ndim - 1))
-    reps = lambda p: Prompts(rep(p.embeds), rep(p.mask))
-    empty, t_sig = reps(encode_prompts(pipe, test, [""] * n)), teacher_sigmas(pipe.scheduler, 40, src.shape[1])
-    noise = torch.randn((seeds * n, *src.shape[1:]), generator=torch.Generator().manual_seed(1))  # evaluate()'s, for seeds = 4
-    results = {}
-    for e in effects:
-        valid = torch.stack([rt(torch.stack([e.fn(x, v) for x in test])) for v in range(e.K)])  # (K, n, 3, H, W)
-        for m, spec in methods.items():
-            text = e.instruction if spec.prompts is None else spec.prompts[e.name]
-            out = unpack(pipe, run_method(pipe, spec, e, noise, rep(src), reps(encode_prompts(pipe, test, [text] * n)), empty, t_sig)[0])
-            r = {"pooled": energy_score(out, valid, seeds),  # out: (seeds * n, 3, H, W), seed-major
+    n, results = len(world.test), {}
+    for e, runs in held_out_samples(world, effects, pipe, methods, seeds):
+        valid = torch.stack([unpack(pipe, pack(pipe, torch.stack([e.fn(x, v) for x in world.test]))) for v in range(e.K)])
+        for m, (out, _, _) in runs.items():  # valid: (K, n, 3, H, W), after the VAE round trip
+            r = {"pooled": energy_score(out, valid, seeds),
                  "replicates": [energy_score(out[g * 4 * n:(g + 1) * 4 * n], valid, 4) for g in range(seeds // 4)]}
             if e.K > 1:
-                mode = distances(out, rep(valid.transpose(0, 1)).transpose(0, 1)).min(0).indices.reshape(seeds, n)
+                mode = distances(out, valid.repeat(1, seeds, 1, 1, 1)).min(0).indices.reshape(seeds, n)
                 share = torch.stack([(mode == k).float().mean(0) for k in range(e.K)])  # (K, n)
                 r |= {"shares": share.mean(1).tolist(), "imbalance": float((share - 1 / e.K).abs().sum(0).mean() / 2)}
             results.setdefault(m, {})[e.name] = r
@@ -1111,39 +1123,25 @@ def energy_difference(precise: dict, a: str, b: str) -> tuple:
 def evaluate(world: World, effects: list, pipe, methods: dict, seeds: int, reference: str, quiet: bool = False) -> dict:
     """Every method on every (effect, held-out source, seed); metrics in pixel space (module docstring).
     `reference` is the row the "vs teacher" PSNR compares with."""
-    test, n = world.test, len(world.test)
-    src = pack(pipe, test)                                   # (n, L, 16)
+    test = world.test
     rt = lambda x: unpack(pipe, pack(pipe, x))  # the VAE round trip: what a perfect latent model outputs
     refs = {e.name: torch.stack([rt(torch.stack([e.fn(x, v) for x in test])) for v in range(e.K)]) for e in effects}  # (K, n, 3, H, W)
     src_rt = rt(test)
-    empty = encode_prompts(pipe, test, [""] * n)
-    rep = lambda t: t.repeat(seeds, *[1] * (t.ndim - 1))  # (n, ...) -> (seeds * n, ...), seed-major
-    reps = lambda p: Prompts(rep(p.embeds), rep(p.mask))
-    t_sig = teacher_sigmas(pipe.scheduler, 40, src.shape[1])
-    noise = torch.randn((seeds * n, *src.shape[1:]), generator=torch.Generator().manual_seed(1))
     results, pictures = {}, {}
-    for e in effects:
-        encoded, runs = {}, {}
-        for m, spec in methods.items():
-            text = e.instruction if spec.prompts is None else spec.prompts[e.name]
-            if text not in encoded:
-                encoded[text] = reps(encode_prompts(pipe, test, [text] * n))
-            runs[m] = run_method(pipe, spec, e, noise, rep(src), encoded[text], reps(empty), t_sig)
+    for e, runs in held_out_samples(world, effects, pipe, methods, seeds):
         own = refs[e.name]                                                        # (K, n, 3, H, W)
         wrong = torch.cat([refs[o.name] for o in effects if o.name != e.name] + [src_rt[None]])  # (M, n, 3, H, W)
-        decoded = {m: unpack(pipe, x) for m, (x, _, _) in runs.items()}          # (seeds * n, 3, H, W)
         res = {}
-        for m, (_, nfe, secs) in runs.items():
-            out = decoded[m]
-            best, mode = distances(out, rep(own.transpose(0, 1)).transpose(0, 1)).min(0)
-            nearest_wrong = distances(out, rep(wrong.transpose(0, 1)).transpose(0, 1)).min(0).values
+        for m, (out, nfe, secs) in runs.items():  # out: (seeds * n, 3, H, W), seed-major
+            best, mode = distances(out, own.repeat(1, seeds, 1, 1, 1)).min(0)
+            nearest_wrong = distances(out, wrong.repeat(1, seeds, 1, 1, 1)).min(0).values
             res[m] = {"psnr_valid": float((10 * torch.log10(1 / best.clamp_min(1e-10))).mean()),
-                      "psnr_vs_teacher": float(psnr(out, decoded[reference]).mean()),
+                      "psnr_vs_teacher": float(psnr(out, runs[reference][0]).mean()),
                       "bad_case": float((nearest_wrong < best).float().mean()),
                       "coverage": mode_coverage(mode, e.K) if e.K > 1 else None, "energy": energy_score(out, own, seeds),
                       "nfe": nfe, "batch_seconds_per_edit": secs / len(out)}
         results[e.name] = res
-        pictures[e.name] = {"source": test[0], "valid": own[0, 0], **{m: out[0] for m, out in decoded.items()}}
+        pictures[e.name] = {"source": test[0], "valid": own[0, 0], **{m: out[0] for m, (out, _, _) in runs.items()}}
         if not quiet:
             log(f"eval {e.name}: " + " | ".join(f"{m} {r['psnr_valid']:.1f}/{r['bad_case']:.2f}" for m, r in res.items()))
     return {"results": results, "pictures": pictures, "vae_roundtrip_psnr": float(psnr(src_rt, test).mean())}
@@ -1441,16 +1439,18 @@ TOY = Path(__file__).resolve().parent / "toy"
 # collectionlora knobs for this world: the paper's loop on a CPU-sized schedule, each departure measured in examples/LAB_NOTES.md
 # ("Making the student reach its teachers"): rank 64, batch 8, Adam betas (0, 0.99) (the paper's (0.9, 0.999) lost 0.9 dB
 # at 1,500 iterations), p_switch 0.8 and route_every 5 (fewer general periods). The warm start at lr 1e-3 (falling to 0),
-# then the paper's lr 1e-4: the full objective at 1e-3 undid 1.4-3.0 dB of the warm start's fidelity. Four teacher targets
+# then the paper's lr 1e-4: the full objective at 1e-3 undid 1.4-3.0 dB of the warm start's fidelity. Eight teacher targets
 # per source (paper: one): with one, the student learnt which hue each training source had, not to pick one, and blended
-# tint_any's four hues on new sources (59 % of its outputs nearer their mean than to any; with four: 0 %, +4 dB on it).
+# tint_any's four hues on new sources (59 % of its outputs nearer their mean than to any; with four: 0 %, +4 dB on it);
+# eight instead of four took two draws from energy 0.0608 / 0.0599 to 0.0595 / 0.0596 at 128 seeds, below the teacher's
+# 8 steps (0.0601), and the students' tint_any hue imbalance to the 8-step samplers' floor (LAB_NOTES.md, session 22).
 # After the warm start the student's lr falls to 0 (--lr_decay; paper: constant): on 240 sources per effect, 1,500
 # iterations of the full objective then ended at energy 0.0588-0.0604 (three draws), against 0.0618 at a constant lr,
 # whose later points swung up to 0.0795 (LAB_NOTES.md: "The recipe change, and what is left on the rolls"). TA-FM at the
 # paper's weight 1: w_fm 4 (the bench from 2832bdf to 366c8d9) kept more of a 32-source warm start's fidelity, but was
 # not measured on 240 sources.
 DISTIL_KNOBS = {"rank": 64, "alpha": 64, "warmup_lr": 1e-3, "lr": 1e-4, "critic_lr": 1e-4, "beta1": 0.0, "beta2": 0.99,
-                "gen_every": 2, "route_every": 5, "p_switch": 0.8, "batch_size": 8, "teacher_steps": 40, "targets_per_image": 4,
+                "gen_every": 2, "route_every": 5, "p_switch": 0.8, "batch_size": 8, "teacher_steps": 40, "targets_per_image": 8,
                 "w_fm": 1.0, "lr_decay": True}
 # The warm start (--warmup): 3,000 iterations of flow matching on the teacher outputs per effect, ~40 ms each on CPU.
 # Regression gives most of the fidelity at a tenth of the full objective's cost. 1,500 per effect (the bench before

@@ -4,7 +4,7 @@
         --rows teacher_40_g1,teacher_8,fm_teacher_8,collectionlora_8 [--checkpoints RUN/STEP,... --curves runs/curves --seed 3]
 
 The rows of a finished `effectbench.py --quick` run (its teachers, its FM LoRAs, its student and ablations: the table's
-names) and any `distil_curve.py` checkpoint (RUN/STEP under --curves, with the prompts of RUN/lora if the run finished,
+names; --student picks the student of an earlier recipe in the same folder) and any `distil_curve.py` checkpoint (RUN/STEP under --curves, with the prompts of RUN/lora if the run finished,
 else the AOP prompts chosen for --seed) are sampled as the bench samples them (effectbench.energy_replicates), on the same
 16 held-out sources, with S seeds per source instead of the bench's 4 (--seeds 4 gives the bench's numbers to every
 digit). Printed per row: the energy score over all S seeds, and the S/4 replicates of the bench's own 4-seed number
@@ -17,6 +17,7 @@ came from this.
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -33,16 +34,22 @@ def refuse(message: str) -> None:
     raise SystemExit(2)
 
 
-def rows_of(bench: Path, curves: Path, checkpoints: list, seed: int) -> tuple:
-    """({adapter: folder}, {checkpoint adapter: state file}, {row: Method}) for a --quick bench folder and curve checkpoints."""
+def rows_of(bench: Path, curves: Path, checkpoints: list, seed: int, name: str = "") -> tuple:
+    """({adapter: folder}, {checkpoint adapter: state file}, {row: Method}) for a --quick bench folder and curve checkpoints;
+    the student: the distil_* folder `name`, or the newest finished one."""
     students = sorted((d for d in bench.glob("distil_*") if (d / "lora").is_dir()), key=lambda d: d.stat().st_mtime)
-    main = [d for d in students if "_no_" not in d.name and "_dmd_only" not in d.name]
+    full = [d for d in students if "_no_" not in d.name and "_dmd_only" not in d.name]  # not an ablation
+    main = [d for d in full if d.name == (name or d.name)]
     if not main:
-        refuse(f"--bench '{bench}' holds no finished distillation (distil_*/lora) -- run effectbench.py --quick first")
+        refuse(f"--bench '{bench}' holds no finished distillation {name or 'distil_*'}/lora -- "
+               + (f"pass one of {', '.join(d.name for d in full)} to --student" if name and full else "run effectbench.py --quick first"))
     student = main[-1]
     print(f"the student: {student.name}")
+    k = re.search(r"_k(\d+)_", student.name)  # FM on as many teacher outputs per source as the student had
+    fm_teacher = [d for d in sorted(bench.glob("fm_teacher_lora_*")) if not k or re.search(rf"_k{k[1]}(_|$)", d.name)]
     loras = {"collectionlora": student / "lora", "fm_baseline": bench / "fm_lora",
-             "fm_teacher": next(bench.glob("fm_teacher_lora_*"), bench / "fm_teacher_lora")}
+             "fm_teacher": fm_teacher[0] if fm_teacher else bench / "fm_teacher_lora"}
+    print(f"FM on teacher outputs: {loras['fm_teacher'].name}")
     loras |= {d.name[len(student.name) + 1:]: d / "lora" for d in students if d.name.startswith(student.name + "_")}
     loras = {k: v for k, v in loras.items() if v.is_dir()}
     prompts, own, M = eb.student_prompts(student / "lora"), (lambda e: [e.name]), eb.Method
@@ -85,6 +92,7 @@ def report(results: dict) -> list:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bench", required=True, help="a finished effectbench --quick folder: <root>/seed0/quick_t600_toy_img<K>")
+    p.add_argument("--student", default="", help="the bench's distil_* folder of the student row (default: the newest finished)")
     p.add_argument("--rows", default="teacher_40_g1,teacher_8,fm_teacher_8,collectionlora_8", help="comma-separated table rows")
     p.add_argument("--checkpoints", default="", help="comma-separated RUN/STEP of distil_curve.py runs under --curves")
     p.add_argument("--curves", default="runs/curves", help="distil_curve.py's --root")
@@ -97,7 +105,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     bench, checkpoints = Path(args.bench), [c for c in args.checkpoints.split(",") if c]
     world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
-    loras, states, methods = rows_of(bench, Path(args.curves), checkpoints, args.seed)
+    loras, states, methods = rows_of(bench, Path(args.curves), checkpoints, args.seed, args.student)
     if unknown := [r for r in args.rows.split(",") if r and r not in methods]:
         p.error(f"--rows: {', '.join(unknown)} not in this bench folder (it has {', '.join(m for m in methods if m not in checkpoints)})")
     pipe = eb.load_all(eb.TOY / "base", world.effects, bench / "teachers", loras)
