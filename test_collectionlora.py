@@ -1456,6 +1456,26 @@ def test_effectbench_energy_replicates_at_4_seeds_are_the_tables_number_and_spli
     assert len(eight["replicates"]) == 2 and sum(eight["shares"]) == pytest.approx(1.0) and 0 <= eight["imbalance"] <= 0.75
 
 
+def test_roll_errors_split_recovers_a_known_mix_a_known_bias_and_a_known_spread():
+    import roll_errors
+    n, D, S = 3, 64, 6
+    basis = torch.randn(n, D, 8, generator=torch.Generator().manual_seed(0))
+    valid, rms = basis[..., 2], lambda v: v.pow(2).mean(-1).sqrt()
+    mixed = (0.7 * basis[..., 2] + 0.3 * basis[..., 3]).expand(S, n, D)  # every sample: 70 % roll 2, 30 % roll 3
+    r = roll_errors.split(mixed, valid, basis)
+    assert r["mix"] == pytest.approx([0, 0, 0.7, 0.3, 0, 0, 0, 0], abs=1e-3) and r["residual"] < 1e-4 and r["spread"] == 0
+    assert r["error"] == pytest.approx(float(rms(0.3 * (basis[..., 3] - basis[..., 2])).mean()), rel=1e-5) == r["bias"]
+    c = torch.zeros(n, D); c[:, 0::2] = 0.2  # a fixed miss, and +-noise on the other coordinates (orthogonal to it)
+    e = torch.zeros(n, D); e[:, 1::2] = 0.1
+    x = valid + c + torch.tensor([1.0, -1.0] * (S // 2))[:, None, None] * e  # seeds alternate +e, -e: their mean is valid + c
+    r = roll_errors.split(x, valid, basis)
+    assert r["bias"] == pytest.approx(0.2 / 2 ** 0.5, rel=1e-5)  # rms of c: half its coordinates 0.2
+    assert r["error"] == pytest.approx((0.2 ** 2 / 2 + 0.1 ** 2 / 2) ** 0.5, rel=1e-5)
+    # ordered pairs with opposite signs: S^2 / 2, each 2 rms(e) apart; the spread is half the mean over the S (S - 1) pairs
+    assert r["spread"] == pytest.approx(S * S / 2 * 2 * (0.1 / 2 ** 0.5) / (2 * S * (S - 1)), rel=1e-5)
+    assert r["energy"] == pytest.approx(r["error"] - r["spread"], abs=1e-7)
+
+
 def test_effectbench_mode_coverage_is_the_normalised_entropy():
     assert eb.mode_coverage(torch.tensor([0, 1, 2, 3] * 5), 4) == pytest.approx(1.0)
     assert eb.mode_coverage(torch.tensor([2] * 9), 4) == pytest.approx(0.0)

@@ -101,13 +101,13 @@ def main(argv=None):
     p.add_argument("--out", default="", help="write every number here (JSON)")
     args = p.parse_args(argv)
     if args.seeds < 4 or args.seeds % 4:
-        p.error(f"--seeds {args.seeds}: pass a multiple of 4 (each 4 seeds are one replicate of the bench's number)")
+        refuse(f"--seeds {args.seeds}: pass a multiple of 4 (each 4 seeds are one replicate of the bench's number)")
     torch.set_num_threads(1)
     bench, checkpoints = Path(args.bench), [c for c in args.checkpoints.split(",") if c]
     world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
     loras, states, methods = rows_of(bench, Path(args.curves), checkpoints, args.seed, args.student)
     if unknown := [r for r in args.rows.split(",") if r and r not in methods]:
-        p.error(f"--rows: {', '.join(unknown)} not in this bench folder (it has {', '.join(m for m in methods if m not in checkpoints)})")
+        refuse(f"--rows: {', '.join(unknown)} not in this bench folder (it has {', '.join(m for m in methods if m not in checkpoints)})")
     pipe = eb.load_all(eb.TOY / "base", world.effects, bench / "teachers", loras)
     for adapter, state in states.items():
         set_peft_model_state_dict(pipe.transformer, torch.load(state, weights_only=True)["student"], adapter_name=adapter)
