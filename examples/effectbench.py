@@ -776,7 +776,7 @@ def lora_config(rank: int):
 IMAGES, GENERAL = 32, 16
 # --quick's default --images: the teachers learnt from all 256 train sources; with 32 of them (and their teacher outputs)
 # the distiller's warm start ended at energy 0.0811, with 240 at 0.0582 and 0.0594, level with the teacher's 8 steps
-# (0.0587; LAB_NOTES.md: "The gap was source images with teacher outputs"). It costs 4 x 8 x 240 teacher edits (~26 min, cached).
+# (0.0587; LAB_NOTES.md: "The gap was source images with teacher outputs"). It costs 4 x 8 x 240 teacher edits (~30 min of a core, cached).
 QUICK_IMAGES = 240
 
 
@@ -1443,7 +1443,7 @@ TOY = Path(__file__).resolve().parent / "toy"
 # per source (paper: one): with one, the student learnt which hue each training source had, not to pick one, and blended
 # tint_any's four hues on new sources (59 % of its outputs nearer their mean than to any; with four: 0 %, +4 dB on it);
 # eight instead of four took two draws from energy 0.0608 / 0.0599 to 0.0595 / 0.0596 at 128 seeds, below the teacher's
-# 8 steps (0.0601), and the students' tint_any hue imbalance to the 8-step samplers' floor (LAB_NOTES.md, session 22).
+# 8 steps (0.0601), and the students' tint_any hue imbalance down to the teacher's own 8 steps' (LAB_NOTES.md, session 22).
 # After the warm start the student's lr falls to 0 (--lr_decay; paper: constant): on 240 sources per effect, 1,500
 # iterations of the full objective then ended at energy 0.0588-0.0604 (three draws), against 0.0618 at a constant lr,
 # whose later points swung up to 0.0795 (LAB_NOTES.md: "The recipe change, and what is left on the rolls"). TA-FM at the

@@ -37,6 +37,8 @@ def refuse(message: str) -> None:
 def rows_of(bench: Path, curves: Path, checkpoints: list, seed: int, name: str = "") -> tuple:
     """({adapter: folder}, {checkpoint adapter: state file}, {row: Method}) for a --quick bench folder and curve checkpoints;
     the student: the distil_* folder `name`, or the newest finished one."""
+    if not bench.is_dir():
+        refuse(f"--bench '{bench}' is not a folder -- pass an effectbench.py --quick run's <root>/seed0/quick_t600_toy_img240")
     students = sorted((d for d in bench.glob("distil_*") if (d / "lora").is_dir()), key=lambda d: d.stat().st_mtime)
     full = [d for d in students if "_no_" not in d.name and "_dmd_only" not in d.name]  # not an ablation
     main = [d for d in full if d.name == (name or d.name)]
@@ -89,19 +91,19 @@ def report(results: dict) -> list:
     return lines
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_flags(p: argparse.ArgumentParser, rows: str) -> None:
+    """The flags this script and roll_errors.py share: a bench run, its rows, and checkpoints."""
     p.add_argument("--bench", required=True, help="a finished effectbench --quick folder: <root>/seed0/quick_t600_toy_img<K>")
     p.add_argument("--student", default="", help="the bench's distil_* folder of the student row (default: the newest finished)")
-    p.add_argument("--rows", default="teacher_40_g1,teacher_8,fm_teacher_8,collectionlora_8", help="comma-separated table rows")
+    p.add_argument("--rows", default=rows, help="comma-separated table rows")
     p.add_argument("--checkpoints", default="", help="comma-separated RUN/STEP of distil_curve.py runs under --curves")
     p.add_argument("--curves", default="runs/curves", help="distil_curve.py's --root")
     p.add_argument("--seed", type=int, default=0, help="the --seed the checkpoints' runs were made with (their AOP prompts)")
-    p.add_argument("--seeds", type=int, default=128, help="sampling seeds per held-out source (a multiple of 4; the bench: 4)")
     p.add_argument("--out", default="", help="write every number here (JSON)")
-    args = p.parse_args(argv)
-    if args.seeds < 4 or args.seeds % 4:
-        refuse(f"--seeds {args.seeds}: pass a multiple of 4 (each 4 seeds are one replicate of the bench's number)")
+
+
+def load_rows(args) -> tuple:
+    """(the --quick world, the pipeline with every adapter loaded, {row: Method} of --rows then --checkpoints)."""
     torch.set_num_threads(1)
     bench, checkpoints = Path(args.bench), [c for c in args.checkpoints.split(",") if c]
     world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
@@ -111,7 +113,17 @@ def main(argv=None):
     pipe = eb.load_all(eb.TOY / "base", world.effects, bench / "teachers", loras)
     for adapter, state in states.items():
         set_peft_model_state_dict(pipe.transformer, torch.load(state, weights_only=True)["student"], adapter_name=adapter)
-    chosen = {m: methods[m] for m in [r for r in args.rows.split(",") if r] + checkpoints}
+    return world, pipe, {m: methods[m] for m in [r for r in args.rows.split(",") if r] + checkpoints}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bench_flags(p, "teacher_40_g1,teacher_8,fm_teacher_8,collectionlora_8")
+    p.add_argument("--seeds", type=int, default=128, help="sampling seeds per held-out source (a multiple of 4; the bench: 4)")
+    args = p.parse_args(argv)
+    if args.seeds < 4 or args.seeds % 4:
+        refuse(f"--seeds {args.seeds}: pass a multiple of 4 (each 4 seeds are one replicate of the bench's number)")
+    world, pipe, chosen = load_rows(args)
     results = eb.energy_replicates(world, world.effects, pipe, chosen, args.seeds)
     print("\n".join(report(results)))
     if args.out:

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-from peft.utils import set_peft_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import effectbench as eb  # noqa: E402
@@ -60,27 +59,13 @@ def roll_errors(pipe, world, methods: dict, seeds: int) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bench", required=True, help="a finished effectbench --quick folder: <root>/seed0/quick_t600_toy_img<K>")
-    p.add_argument("--student", default="", help="the bench's distil_* folder of the student row (default: the newest finished)")
-    p.add_argument("--rows", default="teacher_40_g1,teacher_8,fm_8,fm_teacher_8,collectionlora_8", help="comma-separated table rows")
-    p.add_argument("--checkpoints", default="", help="comma-separated RUN/STEP of distil_curve.py runs under --curves")
-    p.add_argument("--curves", default="runs/curves", help="distil_curve.py's --root")
-    p.add_argument("--seed", type=int, default=0, help="the --seed the checkpoints' runs were made with (their AOP prompts)")
+    energy_noise.bench_flags(p, "teacher_40_g1,teacher_8,fm_8,fm_teacher_8,collectionlora_8")
     p.add_argument("--seeds", type=int, default=16, help="sampling seeds per held-out source (at least 2)")
-    p.add_argument("--out", default="", help="write every number here (JSON)")
     args = p.parse_args(argv)
     if args.seeds < 2:
         energy_noise.refuse(f"--seeds {args.seeds}: pass at least 2 (the spread needs two samples of a source)")
-    torch.set_num_threads(1)
-    bench, checkpoints = Path(args.bench), [c for c in args.checkpoints.split(",") if c]
-    world = eb.build_world({n: eb.effect_registry()[n] for n in eb.QUICK_EFFECTS}, 0)
-    loras, states, methods = energy_noise.rows_of(bench, Path(args.curves), checkpoints, args.seed, args.student)
-    if unknown := [r for r in args.rows.split(",") if r and r not in methods]:
-        energy_noise.refuse(f"--rows: {', '.join(unknown)} not in this bench folder (it has {', '.join(m for m in methods if m not in checkpoints)})")
-    pipe = eb.load_all(eb.TOY / "base", world.effects, bench / "teachers", loras)
-    for adapter, state in states.items():
-        set_peft_model_state_dict(pipe.transformer, torch.load(state, weights_only=True)["student"], adapter_name=adapter)
-    results = roll_errors(pipe, world, {m: methods[m] for m in [r for r in args.rows.split(",") if r] + checkpoints}, args.seeds)
+    world, pipe, chosen = energy_noise.load_rows(args)
+    results = roll_errors(pipe, world, chosen, args.seeds)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
