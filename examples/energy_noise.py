@@ -4,10 +4,11 @@
         --rows teacher_40_g1,teacher_8,fm_teacher_8,collectionlora_8 [--checkpoints RUN/STEP,... --curves runs/curves --seed 3]
 
 The rows of a finished `effectbench.py --quick` run (its teachers, its FM LoRAs, its student and ablations: the table's
-names; --student picks the student of an earlier recipe in the same folder) and any `distil_curve.py` checkpoint (RUN/STEP under --curves, with the prompts of RUN/lora if the run finished,
-else the AOP prompts chosen for --seed) are sampled as the bench samples them (effectbench.energy_replicates), on the same
-16 held-out sources, with S seeds per source instead of the bench's 4 (--seeds 4 gives the bench's numbers to every
-digit). Printed per row: the energy score over all S seeds, and the S/4 replicates of the bench's own 4-seed number
+names; --student picks the student of an earlier recipe in the same folder, and FM on teacher outputs is the one trained
+on that student's data) and any `distil_curve.py` checkpoint (RUN/STEP under --curves, with the prompts of RUN/lora if
+the run finished, else the AOP prompts chosen for --seed) are sampled as the bench samples them
+(effectbench.energy_replicates), on the same 16 held-out sources, with S seeds per source instead of the bench's 4
+(--seeds 4 gives the bench's numbers to every digit). Printed per row: the energy score over all S seeds, and the S/4 replicates of the bench's own 4-seed number
 (mean, sd, range: how far one bench number moves for the same model), per effect; for a multi-modal effect, how often
 each valid output is the nearest and how unevenly per source (total variation from 1/K, averaged over sources: about
 0.06 at 128 seeds for perfectly even samples); then every pair of rows, their difference with a standard error from the
@@ -17,7 +18,6 @@ came from this.
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -47,8 +47,9 @@ def rows_of(bench: Path, curves: Path, checkpoints: list, seed: int, name: str =
                + (f"pass one of {', '.join(d.name for d in full)} to --student" if name and full else "run effectbench.py --quick first"))
     student = main[-1]
     print(f"the student: {student.name}")
-    k = re.search(r"_k(\d+)_", student.name)  # FM on as many teacher outputs per source as the student had
-    fm_teacher = [d for d in sorted(bench.glob("fm_teacher_lora_*")) if not k or re.search(rf"_k{k[1]}(_|$)", d.name)]
+    config = json.loads((student / "lora" / "collectionlora.json").read_text())["config"]  # FM on the student's own data:
+    same = f"fm_teacher_lora_g{config['guidance']:g}_k{config['targets_per_image']}"  # effectbench's name for it
+    fm_teacher = [d for d in sorted(bench.glob(same + "*")) if d.name == same or d.name.startswith(same + "_")]
     loras = {"collectionlora": student / "lora", "fm_baseline": bench / "fm_lora",
              "fm_teacher": fm_teacher[0] if fm_teacher else bench / "fm_teacher_lora"}
     print(f"FM on teacher outputs: {loras['fm_teacher'].name}")
