@@ -1460,9 +1460,12 @@ WARMUP_PER_EFFECT = 3000
 # --quick's (240 sources per effect): 6,000. With many sources more iterations generalise (roll_right_3 alone kept improving
 # through 12,000, 0.0203 -> 0.0165; on 32 sources 4x the iterations had overfit), and after a 24,000-iteration warm start
 # the full method ended at energy 0.0569-0.0606 (mean 0.0587) and 27.21-27.44 dB (four draws) against 0.0588-0.0604 and
-# 26.59-26.97 after 12,000 (three; LAB_NOTES.md: "The recipe change", "A third draw", "A fourth draw"). It adds about
-# 10 min to --quick.
-QUICK_WARMUP_PER_EFFECT = 6000
+# 26.59-26.97 after 12,000 (three; LAB_NOTES.md: "The recipe change", "A third draw", "A fourth draw"). Since session 24:
+# 12,000. With eight targets per source, 48,000 then the same 1,500 full iterations ended two draws at energy 0.0588 /
+# 0.0586 at 128 seeds, against 0.0596 / 0.0595 after 24,000 (paired: -0.0008 +- 0.0003, -0.0009 +- 0.0002) and
+# 0.0013-0.0014 below the teacher's 8 plain steps (LAB_NOTES.md, session 23). About 20 min more of --quick, paid for by
+# the batched teacher targets (collectionlora.teacher_target).
+QUICK_WARMUP_PER_EFFECT = 12000
 # --extend K: per new effect, warm-start and full-objective iterations (a fresh run: 1,500 and 375 per effect, for all)
 EXTEND_WARMUP_PER_NEW, EXTEND_FULL_PER_NEW = 2000, 250
 # The paper's ablations, each one knob away from the full method (w/o TA-FM: no flow matching on teacher outputs at all),
@@ -1499,8 +1502,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--effects", type=int, default=50, help="how many effects of the registry (the first N)")
     p.add_argument("--seed", type=int, default=0, help="the world, every model init and every noise draw")
     p.add_argument("--quick", action="store_true", help="the 4 QUICK_EFFECTS with the embedded base, teachers and "
-                   "Lightning LoRA (examples/toy), 240 sources per effect, no ablations: about 45-55 min on 2 cores (3,840 teacher "
-                   "edits for the distiller and as many for FM on teacher outputs, 24,000 warm-start iterations)")
+                   "Lightning LoRA (examples/toy), 240 sources per effect, no ablations: about an hour on 2 cores (7,680 teacher "
+                   "edits for the distiller, eight per batched call, and as many for FM on teacher outputs; 48,000 warm-start "
+                   "iterations)")
     p.add_argument("--root", default="runs/effectbench", help="cache folder for every stage")
     p.add_argument("--base", default="", help="a pre-built base folder instead of training one (--quick: examples/toy/base)")
     p.add_argument("--vae_steps", type=int, default=4000, help="VAE training steps (about 0.16 s each; cached, shared)")
