@@ -589,7 +589,7 @@ def test_k_targets_per_source_each_its_own_noise_every_one_drawn_with_its_own_so
     cl.train(tiny_config(tmp_path, tmp_path / "k3", targets_per_image=3, max_steps=2, warmup=2))
     monkeypatch.setattr(cl, "sample", sample)
     assert sizes == [[6, 6]]  # 2 sources x 3 targets per effect
-    n_general = len(cl.read_inputs(tiny_config(tmp_path, tmp_path / "k3", resume=True))[1])
+    n_general = len(cl.read_inputs(tiny_config(tmp_path, tmp_path / "unused"))[1])  # the general pictures
     assert sorted(n for n, _ in calls) == [1] * n_general + [3] * 4  # general: one each; effects: one call per source
     assert all(d == 0 if n == 1 else d < 1e-5 for n, d in calls), calls  # one seed: bit for bit the plain call
     _, data, _ = made[0]
