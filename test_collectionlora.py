@@ -1468,6 +1468,22 @@ def test_effectbench_energy_replicates_at_4_seeds_are_the_tables_number_and_spli
     assert len(eight["replicates"]) == 2 and sum(eight["shares"]) == pytest.approx(1.0) and 0 <= eight["imbalance"] <= 0.75
 
 
+def test_energy_noise_pairs_rows_of_earlier_runs_by_hand_and_refuses_other_seeds(tmp_path, capsys):
+    """--earlier: an earlier --out file's rows join this run's; a taken name gets the file's name in front; the paired
+    difference and its standard error are those computed by hand; a file at other --seeds is refused (exit 2)."""
+    import energy_noise
+    row = lambda e1, e2: {"e1": {"pooled": sum(e1) / 2, "replicates": e1}, "e2": {"pooled": sum(e2) / 2, "replicates": e2}}
+    (f := tmp_path / "old.json").write_text(json.dumps({"args": {"seeds": 8}, "results": {"a": row([0, 0], [1, 2])}}))
+    merged = energy_noise.merge({"a": row([1, 2], [3, 4])}, energy_noise.read_earlier(str(f), 8))
+    assert list(merged) == ["a", "old:a"]
+    # row replicates (mean over effects): a [2, 3], old:a [0.5, 1]; differences [1.5, 2]: mean 1.75, se sqrt(0.125 / 2)
+    diff, se = eb.energy_difference(merged, "a", "old:a")
+    assert diff == pytest.approx(1.75) and se == pytest.approx(0.25)
+    with pytest.raises(SystemExit) as stop:
+        energy_noise.read_earlier(str(f), 128)
+    assert stop.value.code == 2 and "--seeds 8" in capsys.readouterr().err
+
+
 def test_roll_errors_split_recovers_a_known_mix_a_known_bias_and_a_known_spread():
     import roll_errors
     n, D, S = 3, 64, 6

@@ -12,8 +12,8 @@ the run finished, else the AOP prompts chosen for --seed) are sampled as the ben
 (mean, sd, range: how far one bench number moves for the same model), per effect; for a multi-modal effect, how often
 each valid output is the nearest and how unevenly per source (total variation from 1/K, averaged over sources: about
 0.06 at 128 seeds for perfectly even samples); then every pair of rows, their difference with a standard error from the
-paired replicates. --out keeps every number (JSON). examples/LAB_NOTES.md, "The energy score's noise (session 22)",
-came from this.
+paired replicates. --out keeps every number (JSON); --earlier adds the rows of earlier --out files to the report, paired
+exactly (the noise draws are fixed). examples/LAB_NOTES.md, "The energy score's noise (session 22)", came from this.
 """
 import argparse
 import json
@@ -92,6 +92,30 @@ def report(results: dict) -> list:
     return lines
 
 
+def read_earlier(files: str, seeds: int) -> list:
+    """--earlier: [(file name, its rows)] of earlier --out files, checked before any sampling. Measured at the same --seeds,
+    their rows pair exactly with this run's (the noise draws are fixed), so the differences span runs."""
+    earlier = []
+    for f in (f for f in files.split(",") if f):
+        try:
+            data = json.loads(Path(f).read_text())
+            theirs, rows = data["args"]["seeds"], data["results"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            refuse(f"--earlier {f} is not an --out file of this script ({type(e).__name__}: {e}) -- pass one")
+        if theirs != seeds:
+            refuse(f"--earlier {f} was measured at --seeds {theirs}, this run at {seeds} -- pass --seeds {theirs} to pair them")
+        earlier.append((Path(f).stem, rows))
+    return earlier
+
+
+def merge(results: dict, earlier: list) -> dict:
+    """This run's rows, then the earlier files' (a name already taken gets its file's name in front: <file>:<row>)."""
+    merged = dict(results)
+    for stem, rows in earlier:
+        merged |= {name if name not in merged else f"{stem}:{name}": per for name, per in rows.items()}
+    return merged
+
+
 def bench_flags(p: argparse.ArgumentParser, rows: str) -> None:
     """The flags this script and roll_errors.py share: a bench run, its rows, and checkpoints."""
     p.add_argument("--bench", required=True, help="a finished effectbench --quick folder: <root>/seed0/quick_t600_toy_img<K>")
@@ -121,12 +145,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bench_flags(p, "teacher_40_g1,teacher_8,fm_teacher_8,collectionlora_8")
     p.add_argument("--seeds", type=int, default=128, help="sampling seeds per held-out source (a multiple of 4; the bench: 4)")
+    p.add_argument("--earlier", default="", help="comma-separated --out files of earlier runs at the same --seeds: their rows "
+                   "join the report, each pair of rows with its paired difference (--out keeps this run's rows only)")
     args = p.parse_args(argv)
     if args.seeds < 4 or args.seeds % 4:
         refuse(f"--seeds {args.seeds}: pass a multiple of 4 (each 4 seeds are one replicate of the bench's number)")
+    earlier = read_earlier(args.earlier, args.seeds)
     world, pipe, chosen = load_rows(args)
     results = eb.energy_replicates(world, world.effects, pipe, chosen, args.seeds)
-    print("\n".join(report(results)))
+    print("\n".join(report(merge(results, earlier))))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
