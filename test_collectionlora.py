@@ -597,10 +597,13 @@ def test_k_targets_per_source_each_its_own_noise_every_one_drawn_with_its_own_so
     pipe.set_progress_bar_config(disable=True)
     cfg1 = tiny_config(tmp_path, tmp_path / "k1", cache_dir=str(tmp_path / "fresh"))  # K = 1, computed afresh
     bank1 = cl.TeacherBank(cl.read_teachers(cfg1.teachers), pipe, cfg1.cache)
+    cfg3 = tiny_config(tmp_path, tmp_path / "k3", targets_per_image=3)  # the run's: one j at a time (the run took all K per call)
     for i, pool in enumerate(data.pools):
         mine = {(p, j): y for (e, p, j), y in data.targets.items() if e == i}
         assert len(mine) == 6 and all(not torch.equal(a, b) for a, b in itertools.combinations(mine.values(), 2))
         assert all(torch.allclose(mine[p, 0], cl.teacher_target(pipe, bank1, i, p, cfg1, pipe.scheduler), atol=1e-5) for p in pool)
+        assert all(torch.allclose(mine[p, j], cl.teacher_target(pipe, bank1, i, p, cfg3, pipe.scheduler, j), atol=1e-5)
+                   for p in pool for j in range(3))
         latents = {p: data.effect_inputs[i, p][0].image_latents for p in pool}
         assert not torch.equal(*latents.values())  # else the pairing below would prove nothing
         drawn = []

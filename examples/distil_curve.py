@@ -19,7 +19,8 @@ effect), then the final student's general edits
 change into collectionlora for this process, for experiments that have no knob: fmonly (DMD and TS terms 0: TA-FM
 alone), decay (collectionlora --lr_decay, once a patch: the student's lr falls linearly to 0 after the warm start;
 since session 19 DISTIL_KNOBS sets it, so the rows measured at a constant lr need '{"lr_decay": false}'; likewise eight
-teacher targets per source since session 23: the earlier rows had '{"targets_per_image": 4}'), reseed (other noise after the resume),
+teacher targets per source since session 23: the earlier rows had '{"targets_per_image": 4}'; and the full phase's lr 3e-5
+since session 26: the earlier rows had '{"lr": 1e-4}'), reseed (other noise after the resume),
 critic_first (the first 500 steps after the warm start train the critic alone: the fake score learns the student's
 samples before DMD follows it), beta1 (the student's Adam beta1 0.9, the official value, after the resume: its
 updates average the gradients of about 10 student steps instead of following each batch's), dmd_sigma_uniform / dmd_sigma_low
@@ -159,10 +160,11 @@ def patch(variant: str, targets_per_image: int) -> None:
         def untargeted(image_path) -> bool:  # with_images names the sources 0.png, 1.png, ...: the shipped ones first
             return int(Path(image_path).stem) >= eb.IMAGES
 
-        def teacher_target(pipe, bank, index, image_path, cfg, *rest, **kw):  # a placeholder of the output's shape, never read
+        def teacher_target(pipe, bank, index, image_path, cfg, teacher_scheduler, j=0, general=""):  # a placeholder, never read
             if index >= 0 and untargeted(image_path):
-                return torch.zeros(cl.cached_encode(pipe, image_path, "", cfg).image_latents.shape)
-            return target_of(pipe, bank, index, image_path, cfg, *rest, **kw)
+                y = torch.zeros(cl.cached_encode(pipe, image_path, "", cfg).image_latents.shape)  # the output's shape
+                return [y] * cfg.targets_per_image if j is None else y
+            return target_of(pipe, bank, index, image_path, cfg, teacher_scheduler, j, general)
 
         def init(self, *args):  # each pool in the order of the names' numbers: the sources with teacher outputs are pool[:IMAGES]
             init_of(self, *args)
@@ -189,9 +191,10 @@ def patch(variant: str, targets_per_image: int) -> None:
         def teacher_target(pipe, bank, index, image_path, cfg, teacher_scheduler, j=0, general=""):
             if index < 0:  # the general stream's: the base's own edit
                 return target_of(pipe, bank, index, image_path, cfg, teacher_scheduler, j, general)
-            e = effects[bank.effects[index].name]
+            e, x = effects[bank.effects[index].name], eb.from_pil(Image.open(image_path))
             with torch.no_grad():
-                return eb.pack(pipe, e.fn(eb.from_pil(Image.open(image_path)), j % e.K)[None]).float()  # (1, L, 16)
+                y = [eb.pack(pipe, e.fn(x, k % e.K)[None]).float() for k in (range(cfg.targets_per_image) if j is None else [j])]
+            return y if j is None else y[0]  # (1, L, 16) each
         cl.teacher_target = teacher_target
     elif variant == "fm_unshifted":  # every timestep drawn unshifted: the warm start's TA-FM at sigma ~ U(0, 1), as the teachers learnt
         draw = cl.draw_sigma
