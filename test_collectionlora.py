@@ -1458,6 +1458,9 @@ def test_effectbench_part_2_bar_needs_the_energy_score_below_both_rows_beyond_2_
     diff, se = eb.energy_difference(p | {"collectionlora_8": precise(0.0595, 0)}, "collectionlora_8", "teacher_8")
     assert diff == pytest.approx(-0.0005) and se == pytest.approx(statistics.stdev(d) / 2)
     assert not any(k.startswith("energy score") for k in eb.check_bars(rows, {}, walls, []))  # no many-seed energy: no bar
+    speed = ">= 9x less time per edit than the teacher"  # a 1-step edit of 0.03 s against 0.1 s for 8: 0.01 s a step, 0.02 s fixed
+    assert eb.check_bars(rows, {}, walls | {"seconds_collectionlora_1": 0.03}, [])[speed]["numbers"] == \
+        "10.0x; an edit's fixed cost 0.020 s = 2.0 student steps (9x needs <= ~1)"
 
 
 def test_effectbench_energy_replicates_at_4_seeds_are_the_tables_number_and_split_more_seeds_into_replicates():

@@ -1250,10 +1250,11 @@ def stock_pipeline_check(base: Path, teachers: Path, student: Path | None, effec
         if student is not None:
             pipe.load_lora_weights(str(student), adapter_name="student")
             prompt = student_prompts(student)[effect.name]
-            calls["collectionlora_8"] = (FlowMatchEulerDiscreteScheduler.from_pretrained(str(student), subfolder="scheduler"),
-                                         lambda: cl.sample(pipe, image, prompt, steps=8, output_type="latent"))
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(student), subfolder="scheduler")
+            for steps in (8, 1):  # one step: the edit's fixed cost (encoders, pipeline) plus one transformer call
+                calls[f"collectionlora_{steps}"] = (scheduler, lambda n=steps: cl.sample(pipe, image, prompt, steps=n, output_type="latent"))
         for m, (scheduler, call) in calls.items():
-            pipe.set_adapters("student" if m == "collectionlora_8" else "teacher")
+            pipe.set_adapters("student" if m.startswith("collectionlora") else "teacher")
             pipe.scheduler = scheduler
             y = call()  # also the warm-up
             t = time.time()
@@ -1315,14 +1316,17 @@ def check_bars(rows: dict, general: dict, walls: dict, ablations: list, precise:
     edits, what PDSR is for) on general editing."""
     teacher, merge = best_rows(rows)
     ours, t, fm_t = rows["collectionlora_8"], rows[teacher], rows["fm_teacher+lightning_8"]
-    gap = t["psnr_valid"] - ours["psnr_valid"]
+    gap, speed, fixed = t["psnr_valid"] - ours["psnr_valid"], walls["seconds_teacher_40_cfg"] / walls["seconds_collectionlora_8"], ""
+    if "seconds_collectionlora_1" in walls:  # 80 against 8 transformer calls make 9x only if the rest of an edit costs <= ~1 call
+        step = (walls["seconds_collectionlora_8"] - walls["seconds_collectionlora_1"]) / 7
+        cost = walls["seconds_collectionlora_1"] - step  # encoders and pipeline: a 1-step edit less its one call
+        fixed = f"; an edit's fixed cost {cost:.3f} s = {cost / step:.1f} student steps (9x needs <= ~1)"
     bars = {"fidelity within 3 dB of the teacher": (gap <= 3, f"{ours['psnr_valid']:.2f} vs {t['psnr_valid']:.2f} ({teacher})"),
             "fidelity within 2 dB of the teacher": (gap <= 2, f"{gap:.2f} dB below"),
             "BCR <= fm_teacher+lightning": (ours["bad_case"] <= fm_t["bad_case"], f"{ours['bad_case']:.3f} vs {fm_t['bad_case']:.3f}"),
             "BCR <= half of the best merge+lightning": (ours["bad_case"] <= 0.5 * rows[merge]["bad_case"],
                                                         f"{ours['bad_case']:.3f} vs {rows[merge]['bad_case']:.3f} ({merge})"),
-            ">= 9x less time per edit than the teacher": (walls["seconds_teacher_40_cfg"] >= 9 * walls["seconds_collectionlora_8"],
-                                                           f"{walls['seconds_teacher_40_cfg'] / walls['seconds_collectionlora_8']:.1f}x")}
+            ">= 9x less time per edit than the teacher": (speed >= 9, f"{speed:.1f}x" + fixed)}
     if ours["coverage"] is not None:
         bars["mode coverage >= the teacher's - 0.05"] = (ours["coverage"] >= t["coverage"] - 0.05,
                                                          f"{ours['coverage']:.2f} vs {t['coverage']:.2f}")
@@ -1448,8 +1452,11 @@ TOY = Path(__file__).resolve().parent / "toy"
 # iterations of the full objective then ended at energy 0.0588-0.0604 (three draws), against 0.0618 at a constant lr,
 # whose later points swung up to 0.0795 (LAB_NOTES.md: "The recipe change, and what is left on the rolls"). TA-FM at the
 # paper's weight 1: w_fm 4 (the bench from 2832bdf to 366c8d9) kept more of a 32-source warm start's fidelity, but was
-# not measured on 240 sources.
-DISTIL_KNOBS = {"rank": 64, "alpha": 64, "warmup_lr": 1e-3, "lr": 1e-4, "critic_lr": 1e-4, "beta1": 0.0, "beta2": 0.99,
+# not measured on 240 sources. The full phase's lr: 3e-5 since session 26 (paper: 1e-4). After the 48,000-iteration warm
+# start, 1,500 iterations at 1e-4 ended three draws at -0.0010 to +0.0003 from the warm start's end (energy, 128 seeds),
+# at 3e-5 at -0.0004 to -0.0009, keeping invert's gain without the rolls' loss and 0.2-0.5 dB more PSNR (LAB_NOTES.md,
+# session 25). The bench's student: 0.0580 against 0.0588 at 1e-4 (-0.0008 +- 0.0001, 128 seeds; session 26).
+DISTIL_KNOBS = {"rank": 64, "alpha": 64, "warmup_lr": 1e-3, "lr": 3e-5, "critic_lr": 1e-4, "beta1": 0.0, "beta2": 0.99,
                 "gen_every": 2, "route_every": 5, "p_switch": 0.8, "batch_size": 8, "teacher_steps": 40, "targets_per_image": 8,
                 "w_fm": 1.0, "lr_decay": True}
 # The warm start (--warmup): 3,000 iterations of flow matching on the teacher outputs per effect, ~40 ms each on CPU.
