@@ -112,6 +112,10 @@ def main(argv=None):
     steps = knobs.pop("max_steps", 1500)
     k = eb.DISTIL_KNOBS | {"max_steps": steps, "guidance": 2.0, "log_every": 250, "save_every": args.curve_every,
                            "keep_checkpoints": steps // args.curve_every + 1, "cache_dir": str(root / "cache")} | knobs
+    if {"untargeted", "untargeted_half", "dmd_half"} & set(args.variant.split("+")) and \
+            k.get("warmup", 0) > (int(args.start.rsplit("/", 1)[1]) if args.start else 0):  # their batches without a target
+        p.error(f"--variant {args.variant}: the warm start (flow matching) needs a teacher output in every batch -- pass "
+                '"warmup": 0, or --start from a checkpoint at or past the warm start')
     out, t0 = root / args.name, time.time()
     if args.start and not any((out / "checkpoints").glob("step_*.pt")):
         run, step = args.start.rsplit("/", 1)
