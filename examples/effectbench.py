@@ -1655,7 +1655,8 @@ def run(spec: dict, args) -> dict:
 
     # the students: CollectionLoRA, its ablations, the Lightning LoRA (general stream only), the FM LoRA, the merges
     warmup, distil_steps, distil_name = distil_plan(len(names), args)
-    every = args.curve_every or max(distil_steps // 6, 1)  # a checkpoint per point of the convergence curve
+    # a checkpoint per point of the convergence curve, rounded up: 62,500 // 6 put one 4 iterations before the end (session 29)
+    every = args.curve_every or max(math.ceil(distil_steps / 6), 1)
     knobs = DISTIL_KNOBS | {"max_steps": distil_steps, "warmup": warmup, "guidance": args.guidance, "log_every": 250,
                             "save_every": every, "keep_checkpoints": distil_steps // every + 1,
                             "cache_dir": str(root / tag / "cache")}  # one cache for all students: each target computed once
