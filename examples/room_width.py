@@ -1,0 +1,165 @@
+"""Is N's cost room in the one LoRA? The step from N = 5 to N = 10 effects, at one budget per effect, on the toy base
+and on a base twice as wide.
+
+    python examples/room_width.py base                 # the wide base: runs/wide/seed0/base_w128 (about 8 min of a core)
+    python examples/room_width.py teachers 0           # its teachers of the first 10 effects, half each (about 10 min
+    python examples/room_width.py teachers 1           #   of a core each), then `teachers 2`: general/ and 64 sources each
+    python examples/room_width.py student 64 5         # width 64 or 128, the first N = 5 or 10 effects (N = 10 at width 64
+    python examples/room_width.py measure 64           #   is the bench's own); then 16 seeds on both source sets
+
+At width 64 the toy's rank-64 student LoRA is full rank, and sessions 32-34 read N's cost (about 0.44 dB per doubling of
+N, set by the distinct edits) as room. Here the base's transformer is twice as wide (hidden 128: 8 heads of 16, 1.87M
+parameters against 0.48M); everything else is the toy's: the same VAE, tokenizer and text encoder (copied; `base` checks
+them equal), the same pretraining (2,500 flow-matching steps at lr 1e-3 on the general edits), the bench's teachers
+(ranks 4 / 8 / 16, 600 steps), 64 sources per effect and the bench's student knobs (rank 64: at width 128 three times the
+degrees of freedom per attention matrix). Both students of a width get 1,200 warm-start + 50 full iterations per effect
+and are measured on the first 5 effects. If room sets N's cost, the step from N = 5 to N = 10 is smaller at width 128.
+
+Width 64 is the N = 10 world of the bench, built first by
+    python examples/effectbench.py --effects 10 --base examples/toy/base --images 64 --warmup_steps 12000 --distil_steps 500 \
+        --fm_steps 150 --no-ablations --seeds 4 --energy_seeds 0 --jobs 1 --root runs/n10
+whose student is N = 10 at this budget. `measure W` prints, per row, student minus the 40-step teacher (CFG 1) in
+nearest-valid PSNR over 16 seeds as four 4-seed replicates (± one standard error), on the held-out sources and on
+train[0:16] (sources every student trained on), and writes runs/wide/room_w<W>.json.
+"""
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import effectbench as eb  # noqa: E402
+
+NAMES = list(eb.effect_registry())[:10]
+N10, WIDE = Path("runs/n10/seed0"), Path("runs/wide/seed0")
+
+
+def world_of(width: int) -> dict:
+    """Each width's base, teachers with 64 sources (as the bench's --images 64 writes them), general edits and target cache."""
+    if width == 64:  # the bench's N = 10 run above
+        home = N10 / "n10_t600_toy_img64"
+        return {"base": Path("examples/toy/base"), "teachers": home / "teachers", "general": N10 / "n10_t600_toy" / "general",
+                "cache": home / "cache", "home": home}
+    home = WIDE / "n10_t600_w128_img64"
+    return {"base": WIDE / "base_w128", "teachers": home / "teachers", "general": WIDE / "n10_t600_w128" / "general",
+            "cache": home / "cache", "home": home, "trained": WIDE / "n10_t600_w128" / "teachers"}
+
+
+def knobs(n: int, cache: Path, rank: int = 64, per_warm: int = 1200, per_full: int = 50) -> tuple:
+    """The bench's distillation of n effects at per_warm warm-start + per_full full iterations per effect: (folder name, knobs)."""
+    warmup, steps = per_warm * n, (per_warm + per_full) * n
+    every = max(math.ceil(steps / 6), 1)
+    return f"distil_w{warmup}_{steps}_g1_lr3e-05_k8_fm1_gw_decay" + f"_r{rank}" * (rank != 64), eb.DISTIL_KNOBS | {
+        "rank": rank, "alpha": rank,
+        "max_steps": steps, "warmup": warmup, "guidance": 1.0, "log_every": 250, "save_every": every,
+        "keep_checkpoints": steps // every + 1, "cache_dir": str(cache)}
+
+
+def student_dir(width: int, n: int, rank: int = 64) -> Path:
+    w = world_of(width)
+    return (w["home"] if n == 10 else w["home"].with_name(f"{w['home'].name}_first{n}")) / knobs(n, w["cache"], rank)[0]
+
+
+def build_base() -> None:
+    from diffusers import QwenImageTransformer2DModel
+    toy = eb.load_base(Path("examples/toy/base"))
+    eb.make_vae, eb.train_vae = (lambda: toy.vae), (lambda *a, **k: None)  # the toy's trained VAE, not trained again
+    eb.make_transformer = lambda: QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
+                                                              attention_head_dim=16, num_attention_heads=8,
+                                                              joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+    base = world_of(128)["base"]
+    print(eb.stage_base(eb.build_world(eb.effect_registry(), 0), base, 0, 4000, 2500))
+    wide = eb.load_base(base)
+    for part in ("vae", "text_encoder"):
+        a, b = getattr(toy, part).state_dict(), getattr(wide, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert toy.tokenizer.get_vocab() == wide.tokenizer.get_vocab()
+    count = lambda pipe: sum(p.numel() for p in pipe.transformer.parameters())
+    print(f"oracle: VAE, text encoder and tokenizer equal the toy base's; transformer {count(toy):,} -> {count(wide):,} parameters")
+
+
+def teachers(j: int) -> None:
+    """As the bench's setup(): stage_teachers (j = 0, 1: half of them each; 2: all cached, then general/), with_images(64)."""
+    w, world = world_of(128), eb.build_world({k: eb.effect_registry()[k] for k in NAMES}, 0)
+    eb.check_registry(world.effects, world.test[:8])
+    eb.stage_teachers(world, world.effects, w["base"], w["trained"], w["general"], 600, 0, part=(j, 2) if j < 2 else (0, 1))
+    if j == 2:
+        eb.with_images(world, w["trained"], w["teachers"], 64)
+        assert [e.name for e in eb.cl.read_teachers(w["teachers"])] == sorted(NAMES)
+
+
+def student(width: int, n: int, rank: int = 64) -> None:
+    w, out = world_of(width), student_dir(width, n, rank)
+    folder = w["teachers"]
+    if n < 10:  # the first n teachers, the same files
+        folder = out.parent / "teachers"
+        if not folder.is_dir():
+            tmp = folder.with_suffix(".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            for k in NAMES[:n]:
+                shutil.copytree(w["teachers"] / k, tmp / k)
+            tmp.rename(folder)
+    print(eb.stage_distil(folder, w["general"], w["base"], out, 0, **knobs(n, w["cache"], rank)[1]).get("seconds"))
+
+
+def measure(width: int, rank: int = 64, seeds: int = 16) -> None:
+    w, names = world_of(width), NAMES[:5]
+    world = eb.build_world({k: eb.effect_registry()[k] for k in names}, 0)
+    loras = {f"n{n}": student_dir(width, n, rank) / "lora" for n in (5, 10)}
+    pipe = eb.load_all(w["base"], world.effects, w["teachers"], loras)
+    methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0), "teacher_8": eb.Method(lambda e: [e.name]),
+               "n5_8": eb.Method(lambda e: ["n5"], eb.student_prompts(loras["n5"])),
+               "n10_8": eb.Method(lambda e: ["n10"], eb.student_prompts(loras["n10"]))}
+    out = {}
+    for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
+        per, n = {}, len(wo.test)  # row -> effect -> (seeds, n) PSNR to the nearest valid output
+        for e, runs in eb.held_out_samples(wo, wo.effects, pipe, methods, seeds):
+            refs = torch.stack([eb.unpack(pipe, eb.pack(pipe, torch.stack([e.fn(x, v) for x in wo.test]))) for v in range(e.K)])
+            for m, (x, _, _) in runs.items():
+                best = eb.distances(x, refs.repeat(1, seeds, 1, 1, 1)).min(0).values  # (seeds * n,), seed-major
+                per.setdefault(m, {})[e.name] = (10 * torch.log10(1 / best.clamp_min(1e-10))).reshape(seeds, n)
+        rep = lambda m, k, g: float(per[m][k][4 * g:4 * g + 4].mean())  # replicate g: seeds 4g .. 4g + 3
+        gap = {m: [statistics.mean(rep(m, k, g) - rep("teacher_40_g1", k, g) for k in names) for g in range(seeds // 4)]
+               for m in methods if m != "teacher_40_g1"}
+        gap["n10_8 - n5_8"] = [a - b for a, b in zip(gap["n10_8"], gap["n5_8"])]  # a replicate's rows share its noise
+        out[where] = {"replicates": gap, "teacher_40_g1": {k: float(per["teacher_40_g1"][k].mean()) for k in names},
+                      "per_effect": {m: {k: float((per[m][k] - per["teacher_40_g1"][k]).mean()) for k in names}
+                                     for m in methods if m != "teacher_40_g1"}}
+        print(f"width {width}, student rank {rank}, {where}: the 40-step teacher {statistics.mean(out[where]['teacher_40_g1'].values()):.2f} dB")
+        for m, v in gap.items():
+            each = out[where]["per_effect"].get(m, {})
+            print(f"  {m:14s} {statistics.mean(v):+.2f} +- {statistics.stdev(v) / math.sqrt(len(v)):.2f} (replicates "
+                  + " ".join(f"{x:+.2f}" for x in v) + ")" + "".join(f"  {k} {x:+.2f}" for k, x in each.items()), flush=True)
+    WIDE.parent.mkdir(parents=True, exist_ok=True)
+    (WIDE.parent / f"room_w{width}_r{rank}.json").write_text(json.dumps(out, indent=1))
+
+
+def main(argv: list) -> int:
+    torch.set_num_threads(1)
+    usage = "usage: room_width.py base | teachers J (0, 1, 2) | student W N [R] | measure W [R] (W 64 or 128, N 1 to 10, rank R default 64)"
+    try:
+        cmd, args = argv[0], [int(a) for a in argv[1:]]
+        width, n, rank = (args[:1] or [0])[0], (args[1:2] or [0])[0], (args[2:3] if cmd == "student" else args[1:2]) or [64]
+        call, ok = {"base": (build_base, args == []), "teachers": (teachers, len(args) == 1 and args[0] in (0, 1, 2)),
+                    "student": (student, len(args) in (2, 3) and width in (64, 128) and 1 <= n <= 10 and 1 <= rank[0] <= 512),
+                    "measure": (measure, len(args) in (1, 2) and width in (64, 128) and 1 <= rank[0] <= 512)}[cmd]
+        assert ok
+    except (IndexError, KeyError, ValueError, AssertionError):
+        print(f"error: {' '.join(argv) or 'no command'} -- {usage}", file=sys.stderr)
+        return 2
+    need = [world_of(64)["teachers"] if 64 in args[:1] else world_of(128)["base"]] if cmd != "base" else []
+    need += [student_dir(args[0], n, *args[1:]) / "lora" for n in (5, 10)] if cmd == "measure" else []
+    for path in (p for p in need if not p.exists()):
+        print(f"error: '{path}' is missing -- build it first (see the usage at the top of examples/room_width.py)", file=sys.stderr)
+        return 2
+    call(*args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
