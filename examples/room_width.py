@@ -6,6 +6,8 @@ and on a base twice as wide.
     python examples/room_width.py teachers 1           #   of a core each), then `teachers 2`: general/ and 64 sources each
     python examples/room_width.py student 64 5         # width 64 or 128, the first N = 5 or 10 effects (N = 10 at width 64
     python examples/room_width.py measure 64           #   is the bench's own); then 16 seeds on both source sets
+    python examples/room_width.py student 128 10 128   # a third number: the student's rank (default 64; 128 at width 128
+    python examples/room_width.py measure 128 128      #   is full rank)
 
 At width 64 the toy's rank-64 student LoRA is full rank, and sessions 32-34 read N's cost (about 0.44 dB per doubling of
 N, set by the distinct edits) as room. Here the base's transformer is twice as wide (hidden 128: 8 heads of 16, 1.87M
@@ -20,7 +22,7 @@ Width 64 is the N = 10 world of the bench, built first by
         --fm_steps 150 --no-ablations --seeds 4 --energy_seeds 0 --jobs 1 --root runs/n10
 whose student is N = 10 at this budget. `measure W` prints, per row, student minus the 40-step teacher (CFG 1) in
 nearest-valid PSNR over 16 seeds as four 4-seed replicates (± one standard error), on the held-out sources and on
-train[0:16] (sources every student trained on), and writes runs/wide/room_w<W>.json.
+train[0:16] (sources every student trained on), and writes runs/wide/room_w<W>_r<R>.json.
 """
 import dataclasses
 import json
@@ -55,9 +57,8 @@ def knobs(n: int, cache: Path, rank: int = 64, per_warm: int = 1200, per_full: i
     warmup, steps = per_warm * n, (per_warm + per_full) * n
     every = max(math.ceil(steps / 6), 1)
     return f"distil_w{warmup}_{steps}_g1_lr3e-05_k8_fm1_gw_decay" + f"_r{rank}" * (rank != 64), eb.DISTIL_KNOBS | {
-        "rank": rank, "alpha": rank,
-        "max_steps": steps, "warmup": warmup, "guidance": 1.0, "log_every": 250, "save_every": every,
-        "keep_checkpoints": steps // every + 1, "cache_dir": str(cache)}
+        "rank": rank, "alpha": rank, "max_steps": steps, "warmup": warmup, "guidance": 1.0, "log_every": 250,
+        "save_every": every, "keep_checkpoints": steps // every + 1, "cache_dir": str(cache)}
 
 
 def student_dir(width: int, n: int, rank: int = 64) -> Path:
