@@ -143,22 +143,20 @@ def measure(width: int, rank: int = 64, seeds: int = 16) -> None:
 def main(argv: list) -> int:
     torch.set_num_threads(1)
     usage = "usage: room_width.py base | teachers J (0, 1, 2) | student W N [R] | measure W [R] (W 64 or 128, N 1 to 10, rank R default 64)"
-    try:
-        cmd, args = argv[0], [int(a) for a in argv[1:]]
-        width, n, rank = (args[:1] or [0])[0], (args[1:2] or [0])[0], (args[2:3] if cmd == "student" else args[1:2]) or [64]
-        call, ok = {"base": (build_base, args == []), "teachers": (teachers, len(args) == 1 and args[0] in (0, 1, 2)),
-                    "student": (student, len(args) in (2, 3) and width in (64, 128) and 1 <= n <= 10 and 1 <= rank[0] <= 512),
-                    "measure": (measure, len(args) in (1, 2) and width in (64, 128) and 1 <= rank[0] <= 512)}[cmd]
-        assert ok
-    except (IndexError, KeyError, ValueError, AssertionError):
-        print(f"error: {' '.join(argv) or 'no command'} -- {usage}", file=sys.stderr)
+    cmd, args = (argv or ["no command"])[0], [int(a) if a.isdigit() else -1 for a in argv[1:]]
+    rank_ok = lambda a: 1 <= (a or [64])[0] <= 512  # the optional rank, if given
+    valid = {"base": args == [], "teachers": args in ([0], [1], [2]),
+             "student": len(args) in (2, 3) and args[0] in (64, 128) and 1 <= args[1] <= 10 and rank_ok(args[2:]),
+             "measure": len(args) in (1, 2) and args[0] in (64, 128) and rank_ok(args[1:])}
+    if not valid.get(cmd):
+        print(f"error: {' '.join(argv) or cmd} -- {usage}", file=sys.stderr)
         return 2
     need = [world_of(64)["teachers"] if 64 in args[:1] else world_of(128)["base"]] if cmd != "base" else []
     need += [student_dir(args[0], n, *args[1:]) / "lora" for n in (5, 10)] if cmd == "measure" else []
     for path in (p for p in need if not p.exists()):
         print(f"error: '{path}' is missing -- build it first (see the usage at the top of examples/room_width.py)", file=sys.stderr)
         return 2
-    call(*args)
+    {"base": build_base, "teachers": teachers, "student": student, "measure": measure}[cmd](*args)
     return 0
 
 
