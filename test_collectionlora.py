@@ -1463,15 +1463,20 @@ def test_effectbench_part_2_bar_needs_the_energy_score_below_both_rows_beyond_2_
         "10.0x; an edit's fixed cost 0.020 s = 2.0 student steps (9x needs <= ~1)"
 
 
-def test_effectbench_energy_replicates_at_4_seeds_are_the_tables_number_and_split_more_seeds_into_replicates():
+def test_effectbench_energy_and_psnr_replicates_at_4_seeds_are_the_tables_numbers_and_split_more_seeds_into_replicates():
     world = eb.build_world({"tint_any": eb.effect_registry()["tint_any"]}, 0)
     pipe = eb.load_all(eb.TOY / "base", world.effects, eb.TOY / "teachers", {})
-    methods = {"teacher_8": eb.Method(lambda e: [e.name])}
-    table = eb.evaluate(world, world.effects, pipe, methods, 4, "teacher_8", quiet=True)["results"]["tint_any"]["teacher_8"]
+    methods = {"teacher_8": eb.Method(lambda e: [e.name]), "base_8": eb.Method(lambda e: [])}
+    table = eb.evaluate(world, world.effects, pipe, methods, 4, "teacher_8", quiet=True)["results"]["tint_any"]
     four = eb.energy_replicates(world, world.effects, pipe, methods, 4)["teacher_8"]["tint_any"]
-    assert four["pooled"] == four["replicates"][0] == table["energy"]  # the same samples as the table's row
+    assert four["pooled"] == four["replicates"][0] == table["teacher_8"]["energy"]  # the same samples as the table's row
     eight = eb.energy_replicates(world, world.effects, pipe, methods, 8)["teacher_8"]["tint_any"]
     assert len(eight["replicates"]) == 2 and sum(eight["shares"]) == pytest.approx(1.0) and 0 <= eight["imbalance"] <= 0.75
+    psnr = eb.psnr_replicates(world, world.effects, pipe, methods, 4, "teacher_8")  # the table's rows, as a difference
+    assert psnr["reference"]["tint_any"] == table["teacher_8"]["psnr_valid"]
+    assert psnr["per_effect"]["base_8"]["tint_any"] == pytest.approx(table["base_8"]["psnr_valid"] - table["teacher_8"]["psnr_valid"], abs=1e-4)
+    assert psnr["replicates"]["base_8"] == [pytest.approx(psnr["per_effect"]["base_8"]["tint_any"], abs=1e-4)] and "teacher_8" not in psnr["per_effect"]
+    assert len(eb.psnr_replicates(world, world.effects, pipe, methods, 8, "teacher_8")["replicates"]["base_8"]) == 2
 
 
 def test_energy_noise_pairs_rows_of_earlier_runs_by_hand_and_refuses_other_seeds(tmp_path, capsys):

@@ -1113,10 +1113,32 @@ def row_replicates(precise: dict, m: str) -> list:
 
 def energy_difference(precise: dict, a: str, b: str) -> tuple:
     """(row a's energy - row b's over all seeds, its standard error from the paired 4-seed replicates) of energy_replicates()."""
-    d = [x - y for x, y in zip(row_replicates(precise, a), row_replicates(precise, b))]
     mean = lambda v: sum(v) / len(v)
-    se = (sum((x - mean(d)) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
+    se = mean_se([x - y for x, y in zip(row_replicates(precise, a), row_replicates(precise, b))])[1]
     return mean([r["pooled"] for r in precise[a].values()]) - mean([r["pooled"] for r in precise[b].values()]), se
+
+
+def psnr_replicates(world: World, effects: list, pipe, methods: dict, seeds: int, reference: str) -> dict:
+    """Nearest-valid PSNR at many seeds, sampled as evaluate() samples (seeds = 4 gives its numbers), each row minus row
+    `reference`: {"reference": {effect: its dB}, "per_effect": {row: {effect: row - reference}}, "replicates": {row: one
+    4-seed difference per 4 seeds, averaged over the effects}}. Every row sees the same noise, so two rows' replicates pair."""
+    per, n = {}, len(world.test)  # row -> effect -> (seeds, n) dB
+    for e, runs in held_out_samples(world, effects, pipe, methods, seeds):
+        valid = torch.stack([unpack(pipe, pack(pipe, torch.stack([e.fn(x, v) for x in world.test]))) for v in range(e.K)])
+        for m, (out, _, _) in runs.items():
+            best = distances(out, valid.repeat(1, seeds, 1, 1, 1)).min(0).values  # (seeds * n,), seed-major
+            per.setdefault(m, {})[e.name] = (10 * torch.log10(1 / best.clamp_min(1e-10))).reshape(seeds, n)
+    rows, gap = [m for m in methods if m != reference], lambda m, k: per[m][k] - per[reference][k]
+    return {"reference": {k: float(v.mean()) for k, v in per[reference].items()},
+            "per_effect": {m: {k: float(gap(m, k).mean()) for k in per[m]} for m in rows},
+            "replicates": {m: [sum(float(gap(m, k)[4 * g:4 * g + 4].mean()) for k in per[m]) / len(per[m]) for g in range(seeds // 4)]
+                           for m in rows}}
+
+
+def mean_se(values: list) -> tuple:
+    """(mean, standard error of the mean) of replicates; the error is nan for one."""
+    mean = sum(values) / len(values)
+    return mean, (sum((x - mean) ** 2 for x in values) / (len(values) - 1) / len(values)) ** 0.5 if len(values) > 1 else float("nan")
 
 
 @torch.no_grad()

@@ -94,18 +94,24 @@ def teachers(j: int) -> None:
         assert [e.name for e in eb.cl.read_teachers(w["teachers"])] == sorted(NAMES)
 
 
+def first_teachers(width: int, n: int) -> Path:
+    """The teachers folder of the first n effects: the same files, copied beside the N < 10 students."""
+    w = world_of(width)
+    if n == 10:
+        return w["teachers"]
+    folder = w["home"].with_name(f"{w['home'].name}_first{n}") / "teachers"
+    if not folder.is_dir():
+        tmp = folder.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for k in NAMES[:n]:
+            shutil.copytree(w["teachers"] / k, tmp / k)
+        tmp.rename(folder)
+    return folder
+
+
 def student(width: int, n: int, rank: int = 64) -> None:
     w, out = world_of(width), student_dir(width, n, rank)
-    folder = w["teachers"]
-    if n < 10:  # the first n teachers, the same files
-        folder = out.parent / "teachers"
-        if not folder.is_dir():
-            tmp = folder.with_suffix(".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            for k in NAMES[:n]:
-                shutil.copytree(w["teachers"] / k, tmp / k)
-            tmp.rename(folder)
-    print(eb.stage_distil(folder, w["general"], w["base"], out, 0, **knobs(n, w["cache"], rank)[1]).get("seconds"))
+    print(eb.stage_distil(first_teachers(width, n), w["general"], w["base"], out, 0, **knobs(n, w["cache"], rank)[1]).get("seconds"))
 
 
 def measure(width: int, rank: int = 64, seeds: int = 16) -> None:
@@ -118,24 +124,13 @@ def measure(width: int, rank: int = 64, seeds: int = 16) -> None:
                "n10_8": eb.Method(lambda e: ["n10"], eb.student_prompts(loras["n10"]))}
     out = {}
     for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
-        per, n = {}, len(wo.test)  # row -> effect -> (seeds, n) PSNR to the nearest valid output
-        for e, runs in eb.held_out_samples(wo, wo.effects, pipe, methods, seeds):
-            refs = torch.stack([eb.unpack(pipe, eb.pack(pipe, torch.stack([e.fn(x, v) for x in wo.test]))) for v in range(e.K)])
-            for m, (x, _, _) in runs.items():
-                best = eb.distances(x, refs.repeat(1, seeds, 1, 1, 1)).min(0).values  # (seeds * n,), seed-major
-                per.setdefault(m, {})[e.name] = (10 * torch.log10(1 / best.clamp_min(1e-10))).reshape(seeds, n)
-        rep = lambda m, k, g: float(per[m][k][4 * g:4 * g + 4].mean())  # replicate g: seeds 4g .. 4g + 3
-        gap = {m: [statistics.mean(rep(m, k, g) - rep("teacher_40_g1", k, g) for k in names) for g in range(seeds // 4)]
-               for m in methods if m != "teacher_40_g1"}
-        gap["n10_8 - n5_8"] = [a - b for a, b in zip(gap["n10_8"], gap["n5_8"])]  # a replicate's rows share its noise
-        out[where] = {"replicates": gap, "teacher_40_g1": {k: float(per["teacher_40_g1"][k].mean()) for k in names},
-                      "per_effect": {m: {k: float((per[m][k] - per["teacher_40_g1"][k]).mean()) for k in names}
-                                     for m in methods if m != "teacher_40_g1"}}
-        print(f"width {width}, student rank {rank}, {where}: the 40-step teacher {statistics.mean(out[where]['teacher_40_g1'].values()):.2f} dB")
+        r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
+        gap = r["replicates"] | {"n10_8 - n5_8": [a - b for a, b in zip(r["replicates"]["n10_8"], r["replicates"]["n5_8"])]}
+        out[where] = {"replicates": gap, "teacher_40_g1": r["reference"], "per_effect": r["per_effect"]}
+        print(f"width {width}, student rank {rank}, {where}: the 40-step teacher {statistics.mean(r['reference'].values()):.2f} dB")
         for m, v in gap.items():
-            each = out[where]["per_effect"].get(m, {})
-            print(f"  {m:14s} {statistics.mean(v):+.2f} +- {statistics.stdev(v) / math.sqrt(len(v)):.2f} (replicates "
-                  + " ".join(f"{x:+.2f}" for x in v) + ")" + "".join(f"  {k} {x:+.2f}" for k, x in each.items()), flush=True)
+            print(f"  {m:14s} {'%+.2f +- %.2f' % eb.mean_se(v)} (replicates " + " ".join(f"{x:+.2f}" for x in v) + ")"
+                  + "".join(f"  {k} {x:+.2f}" for k, x in r["per_effect"].get(m, {}).items()), flush=True)
     WIDE.parent.mkdir(parents=True, exist_ok=True)
     (WIDE.parent / f"room_w{width}_r{rank}.json").write_text(json.dumps(out, indent=1))
 

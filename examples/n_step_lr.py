@@ -1,0 +1,92 @@
+"""Does N's cost follow the learning rate? The step from N = 5 to N = 10 effects at one budget per effect, with the warm
+start's lr (--warmup_lr, 1e-3 on the bench, falling linearly to 0) changed.
+
+    python examples/n_step_lr.py student 10 2e-3 1     # the first N = 5 or 10 effects, warm-start lr, warm-start length
+    python examples/n_step_lr.py student 5 2e-3 1      #   as a multiple of the bench's 1,200 iterations per effect
+    python examples/n_step_lr.py measure 1e-3:1 2e-3:1 5e-4:2   # 16 seeds, the first 5 effects, both source sets
+
+The world is the bench's N = 10 world of examples/room_width.py (width 64; build it as its docstring says) and lr 1e-3 at
+length 1 are room_width.py's own width-64 students. Sessions 32-35 found that the step does not shrink with room and that
+long blocks of one edit cost more (the router's period). If N's cost is the other edits' updates pushing an edit's fit
+away (a floor that scales with the step size), the step grows with the lr and shrinks with a smaller lr at matched
+progress (half the lr, twice the iterations). If it is a fit the student cannot reach at any lr, the step does not move.
+`measure` prints, per lr and length, N = 5 and N = 10 minus the 40-step teacher (CFG 1) in nearest-valid PSNR as four
+4-seed replicates (± one standard error) and the step between them, and writes runs/n10/n_step_lr.json.
+"""
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import effectbench as eb  # noqa: E402
+import room_width as rw  # noqa: E402
+
+
+def student_dir(n: int, lr: float, length: int) -> tuple:
+    """(folder, knobs) of the N = n student at warm-start lr `lr` and `length` x 1,200 warm-start iterations per effect."""
+    w = rw.world_of(64)
+    name, knobs = rw.knobs(n, w["cache"], per_warm=1200 * length)
+    folder = (w["home"] if n == 10 else w["home"].with_name(f"{w['home'].name}_first{n}")) / (name + f"_wlr{lr:g}" * (lr != 1e-3))
+    return folder, knobs | {"warmup_lr": lr}
+
+
+def student(n: int, lr: float, length: int) -> None:
+    w, (out, knobs) = rw.world_of(64), student_dir(n, lr, length)
+    print(eb.stage_distil(rw.first_teachers(64, n), w["general"], w["base"], out, 0, **knobs).get("seconds"))
+
+
+def measure(variants: list, seeds: int = 16) -> None:
+    w, names = rw.world_of(64), rw.NAMES[:5]
+    world = eb.build_world({k: eb.effect_registry()[k] for k in names}, 0)
+    loras = {f"n{n}_{lr:g}x{length}": student_dir(n, lr, length)[0] / "lora" for lr, length in variants for n in (5, 10)}
+    pipe = eb.load_all(w["base"], world.effects, w["teachers"], loras)
+    methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0)} | {
+        m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
+    out = {"variants": variants}
+    for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
+        r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
+        steps = {f"{lr:g}x{k}": [b - a for a, b in zip(r["replicates"][f"n5_{lr:g}x{k}"], r["replicates"][f"n10_{lr:g}x{k}"])]
+                 for lr, k in variants}
+        out[where] = r | {"steps": steps}
+        print(f"{where}: the 40-step teacher {sum(r['reference'].values()) / len(names):.2f} dB; student - teacher, 16 seeds")
+        for lr, k in variants:
+            cells = [f"N = {n} {'%+.2f +- %.2f' % eb.mean_se(r['replicates'][f'n{n}_{lr:g}x{k}'])}" for n in (5, 10)]
+            print(f"  warm-start lr {lr:g}, {1200 * k} per effect: " + ", ".join(cells)
+                  + f", step {'%+.2f +- %.2f' % eb.mean_se(steps[f'{lr:g}x{k}'])}", flush=True)
+    path = rw.N10.parent / "n_step_lr.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
+def main(argv: list) -> int:
+    torch.set_num_threads(1)
+    usage = "usage: n_step_lr.py student N LR LENGTH | measure LR:LENGTH ... (N 5 or 10, LR > 0, LENGTH 1 to 8)"
+    try:
+        cmd = argv[0]
+        if cmd == "student" and len(argv) == 4 and int(argv[1]) in (5, 10) and float(argv[2]) > 0 and 1 <= int(argv[3]) <= 8:
+            args = [int(argv[1]), float(argv[2]), int(argv[3])]
+        elif cmd == "measure" and len(argv) > 1:
+            args = [[(float(lr), int(k)) for lr, k in (a.split(":") for a in argv[1:])]]
+            assert all(lr > 0 and 1 <= k <= 8 for lr, k in args[0])
+        else:
+            raise ValueError
+    except (IndexError, ValueError, AssertionError):
+        print(f"error: {' '.join(argv) or 'no command'} -- {usage}", file=sys.stderr)
+        return 2
+    if not rw.world_of(64)["teachers"].is_dir():
+        print(f"error: '{rw.world_of(64)['teachers']}' is missing -- build the width-64 world first (examples/room_width.py's docstring)",
+              file=sys.stderr)
+        return 2
+    missing = [p for lr, k in args[0] for n in (5, 10) if not (p := student_dir(n, lr, k)[0] / "lora").exists()] if cmd == "measure" else []
+    if missing:
+        print(f"error: '{missing[0]}' is missing -- train it first with `student`", file=sys.stderr)
+        return 2
+    {"student": student, "measure": measure}[cmd](*args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
