@@ -1120,8 +1120,9 @@ def energy_difference(precise: dict, a: str, b: str) -> tuple:
 
 def psnr_replicates(world: World, effects: list, pipe, methods: dict, seeds: int, reference: str) -> dict:
     """Nearest-valid PSNR at many seeds, sampled as evaluate() samples (seeds = 4 gives its numbers), each row minus row
-    `reference`: {"reference": {effect: its dB}, "per_effect": {row: {effect: row - reference}}, "replicates": {row: one
-    4-seed difference per 4 seeds, averaged over the effects}}. Every row sees the same noise, so two rows' replicates pair."""
+    `reference`: {"reference": {effect: its dB}, "per_effect": {row: {effect: row - reference}}, "effect_replicates": {row:
+    {effect: one 4-seed difference per 4 seeds}}, "replicates": {row: those averaged over the effects}}. Every row sees the
+    same noise, so two rows' replicates pair."""
     per, n = {}, len(world.test)  # row -> effect -> (seeds, n) dB
     for e, runs in held_out_samples(world, effects, pipe, methods, seeds):
         valid = torch.stack([unpack(pipe, pack(pipe, torch.stack([e.fn(x, v) for x in world.test]))) for v in range(e.K)])
@@ -1129,10 +1130,10 @@ def psnr_replicates(world: World, effects: list, pipe, methods: dict, seeds: int
             best = distances(out, valid.repeat(1, seeds, 1, 1, 1)).min(0).values  # (seeds * n,), seed-major
             per.setdefault(m, {})[e.name] = (10 * torch.log10(1 / best.clamp_min(1e-10))).reshape(seeds, n)
     rows, gap = [m for m in methods if m != reference], lambda m, k: per[m][k] - per[reference][k]
+    each = {m: {k: [float(gap(m, k)[4 * g:4 * g + 4].mean()) for g in range(seeds // 4)] for k in per[m]} for m in rows}
     return {"reference": {k: float(v.mean()) for k, v in per[reference].items()},
-            "per_effect": {m: {k: float(gap(m, k).mean()) for k in per[m]} for m in rows},
-            "replicates": {m: [sum(float(gap(m, k)[4 * g:4 * g + 4].mean()) for k in per[m]) / len(per[m]) for g in range(seeds // 4)]
-                           for m in rows}}
+            "per_effect": {m: {k: float(gap(m, k).mean()) for k in per[m]} for m in rows}, "effect_replicates": each,
+            "replicates": {m: [sum(v) / len(v) for v in zip(*each[m].values())] for m in rows}}
 
 
 def mean_se(values: list) -> tuple:

@@ -11,7 +11,7 @@ long blocks of one edit cost more (the router's period). If N's cost is the othe
 away (a floor that scales with the step size), the step grows with the lr and shrinks with a smaller lr at matched
 progress (half the lr, twice the iterations). If it is a fit the student cannot reach at any lr, the step does not move.
 `measure` prints, per lr and length, N = 5 and N = 10 minus the 40-step teacher (CFG 1) in nearest-valid PSNR as four
-4-seed replicates (± one standard error) and the step between them, and writes runs/n10/n_step_lr.json.
+4-seed replicates (± one standard error) and the step between them, and writes runs/n10/n_step_lr_<variants>.json.
 """
 import dataclasses
 import json
@@ -38,25 +38,34 @@ def student(n: int, lr: float, length: int) -> None:
     print(eb.stage_distil(rw.first_teachers(64, n), w["general"], w["base"], out, 0, **knobs).get("seconds"))
 
 
+def tag(lr: float, length: int) -> str:
+    return f"{lr:g}x{length}".replace(".", "p")  # an adapter name: no dots
+
+
 def measure(variants: list, seeds: int = 16) -> None:
     w, names = rw.world_of(64), rw.NAMES[:5]
     world = eb.build_world({k: eb.effect_registry()[k] for k in names}, 0)
-    loras = {f"n{n}_{lr:g}x{length}": student_dir(n, lr, length)[0] / "lora" for lr, length in variants for n in (5, 10)}
+    loras = {f"n{n}_{tag(lr, length)}": student_dir(n, lr, length)[0] / "lora" for lr, length in variants for n in (5, 10)}
     pipe = eb.load_all(w["base"], world.effects, w["teachers"], loras)
     methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0)} | {
         m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
     out = {"variants": variants}
     for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
         r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
-        steps = {f"{lr:g}x{k}": [b - a for a, b in zip(r["replicates"][f"n5_{lr:g}x{k}"], r["replicates"][f"n10_{lr:g}x{k}"])]
+        steps = {tag(lr, k): [b - a for a, b in zip(r["replicates"][f"n5_{tag(lr, k)}"], r["replicates"][f"n10_{tag(lr, k)}"])]
                  for lr, k in variants}
         out[where] = r | {"steps": steps}
-        print(f"{where}: the 40-step teacher {sum(r['reference'].values()) / len(names):.2f} dB; student - teacher, 16 seeds")
+        print(f"{where}: the 40-step teacher {sum(r['reference'].values()) / len(names):.2f} dB; student - teacher, {seeds} seeds")
         for lr, k in variants:
-            cells = [f"N = {n} {'%+.2f +- %.2f' % eb.mean_se(r['replicates'][f'n{n}_{lr:g}x{k}'])}" for n in (5, 10)]
+            cells = [f"N = {n} {'%+.2f +- %.2f' % eb.mean_se(r['replicates'][f'n{n}_{tag(lr, k)}'])}" for n in (5, 10)]
             print(f"  warm-start lr {lr:g}, {1200 * k} per effect: " + ", ".join(cells)
-                  + f", step {'%+.2f +- %.2f' % eb.mean_se(steps[f'{lr:g}x{k}'])}", flush=True)
-    path = rw.N10.parent / "n_step_lr.json"
+                  + f", step {'%+.2f +- %.2f' % eb.mean_se(steps[tag(lr, k)])}", flush=True)
+        (lr0, k0), paired = variants[0], lambda a, b: "%+.2f +- %.2f" % eb.mean_se([x - y for x, y in zip(a, b)])
+        for lr, k in variants[1:]:  # the same noise in every row: paired (one training draw each: not its noise)
+            a, b = tag(lr, k), tag(lr0, k0)
+            print(f"  {a} - {b}: N = 5 {paired(r['replicates'][f'n5_{a}'], r['replicates'][f'n5_{b}'])}, N = 10 "
+                  f"{paired(r['replicates'][f'n10_{a}'], r['replicates'][f'n10_{b}'])}, step {paired(steps[a], steps[b])}")
+    path = rw.N10.parent / f"n_step_lr_{'_'.join(tag(lr, k) for lr, k in variants)}.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 

@@ -1,0 +1,94 @@
+"""Is N's cost a near neighbour? The first 5 effects of the bench's N = 10 world, and a sixth added at one budget per effect.
+
+    python examples/n_step_neighbour.py student tint_red          # first 5 + one of the other five, 1,200 warm-start +
+    python examples/n_step_neighbour.py student swap_invert_any   #   50 full iterations per effect (N = 6)
+    python examples/n_step_neighbour.py student contrast_1_3
+    python examples/n_step_neighbour.py measure tint_red swap_invert_any contrast_1_3   # 16 seeds, per effect, both source sets
+
+From N = 5 to N = 10 (examples/room_width.py, width 64) the first 5 effects lose 0.52 dB on average, but not evenly: most
+of it is `tint_any` (a tint in one of four hues, red among them), `invert` and `roll_right_3`. Among the five added are
+`tint_red` and `tint_scarlet` (a red tint: near one of `tint_any`'s outputs, with a near prompt) and `swap_invert_any`
+(swap two channels and invert: near `invert`). If the cost is interference between near edits, adding `tint_red` costs
+`tint_any`, adding `swap_invert_any` costs `invert`, and adding `contrast_1_3` (near none of them) costs little; if it
+is a cost of N itself, each sixth effect costs the five about the same. The world and the N = 5 / N = 10 students are
+room_width.py's (build them as its docstring says); the teacher targets come from its cache. `measure` prints each
+row's gap to the 40-step teacher (CFG 1) per effect, and each N = 6 row against N = 5 with the paired standard error of
+four 4-seed replicates; it writes runs/n10/n_step_neighbour.json.
+"""
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import effectbench as eb  # noqa: E402
+import room_width as rw  # noqa: E402
+
+FIRST, OTHERS = rw.NAMES[:5], rw.NAMES[5:]
+
+
+def student_dir(extra: str) -> tuple:
+    """(teachers folder, student folder) of the first 5 effects + `extra`."""
+    home = rw.world_of(64)["home"]
+    home = home.with_name(f"{home.name}_first5_{extra}")
+    return home / "teachers", home / rw.knobs(6, rw.world_of(64)["cache"])[0]
+
+
+def student(extra: str) -> None:
+    w, (folder, out) = rw.world_of(64), student_dir(extra)
+    if not folder.is_dir():  # the same teacher files, copied
+        tmp = folder.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for k in FIRST + [extra]:
+            shutil.copytree(w["teachers"] / k, tmp / k)
+        tmp.rename(folder)
+    print(eb.stage_distil(folder, w["general"], w["base"], out, 0, **rw.knobs(6, w["cache"])[1]).get("seconds"))
+
+
+def measure(extras: list, seeds: int = 16) -> None:
+    w = rw.world_of(64)
+    world = eb.build_world({k: eb.effect_registry()[k] for k in FIRST}, 0)
+    loras = {"n5": rw.student_dir(64, 5) / "lora"} | {f"plus_{x}": student_dir(x)[1] / "lora" for x in extras}
+    loras["n10"] = rw.student_dir(64, 10) / "lora"
+    pipe = eb.load_all(w["base"], world.effects, w["teachers"], loras)
+    methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0)} | {
+        m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
+    out = {}
+    for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
+        out[where] = r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
+        each, pm = r["effect_replicates"], lambda v: "%+.2f +- %.2f" % eb.mean_se(v)
+        print(f"{where}, {seeds} seeds: student - 40-step teacher ({', '.join(f'{k} {v:.2f} dB' for k, v in r['reference'].items())})")
+        print(f"  {'':22s} {'mean':>15s}" + "".join(f"{k:>17s}" for k in FIRST))
+        for m in loras:
+            print(f"  {m:22s} {pm(r['replicates'][m]):>15s}" + "".join(f"{pm(each[m][k]):>17s}" for k in FIRST))
+        for m in [m for m in loras if m != "n5"]:  # paired: every row sees the same noise (one training draw each)
+            diff = lambda a, b: [x - y for x, y in zip(a, b)]
+            print(f"  {m + ' - n5':22s} {pm(diff(r['replicates'][m], r['replicates']['n5'])):>15s}"
+                  + "".join(f"{pm(diff(each[m][k], each['n5'][k])):>17s}" for k in FIRST), flush=True)
+    path = rw.N10.parent / "n_step_neighbour.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
+def main(argv: list) -> int:
+    torch.set_num_threads(1)
+    usage = f"usage: n_step_neighbour.py student EFFECT | measure EFFECT ... (EFFECT one of {', '.join(OTHERS)})"
+    cmd, args = (argv or ["no command"])[0], argv[1:]
+    if not (cmd == "student" and len(args) == 1 or cmd == "measure" and args) or not set(args) <= set(OTHERS):
+        print(f"error: {' '.join(argv) or cmd} -- {usage}", file=sys.stderr)
+        return 2
+    need = [rw.world_of(64)["teachers"]] + ([rw.student_dir(64, n) / "lora" for n in (5, 10)]
+                                            + [student_dir(x)[1] / "lora" for x in args] if cmd == "measure" else [])
+    for path in (p for p in need if not p.exists()):
+        print(f"error: '{path}' is missing -- build it first (see the usage at the top of examples/n_step_neighbour.py)",
+              file=sys.stderr)
+        return 2
+    (student(*args) if cmd == "student" else measure(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
