@@ -13,7 +13,8 @@ of it is `tint_any` (a tint in one of four hues, red among them), `invert` and `
 is a cost of N itself, each sixth effect costs the five about the same. The world and the N = 5 / N = 10 students are
 room_width.py's (build them as its docstring says); the teacher targets come from its cache. `measure` prints each
 row's gap to the 40-step teacher (CFG 1) per effect, and each N = 6 row against N = 5 with the paired standard error of
-four 4-seed replicates; it writes runs/n10/n_step_neighbour.json.
+four 4-seed replicates; it writes runs/n10/n_step_neighbour_<effects>.json. `student n5_seed1` and `student n10_seed1`
+train the N = 5 and N = 10 students again with seed 1 (router, noise, LoRA init and triggers), for their training noise.
 """
 import dataclasses
 import json
@@ -37,7 +38,16 @@ def student_dir(extra: str) -> tuple:
     return home / "teachers", home / rw.knobs(6, rw.world_of(64)["cache"])[0]
 
 
+def second_draw(n: int) -> Path:
+    """The N = n student (5 or 10) of room_width.py trained again with seed 1 (its router, noise, LoRA init and triggers)."""
+    return rw.student_dir(64, n).with_name(rw.student_dir(64, n).name + "_seed1")
+
+
 def student(extra: str) -> None:
+    if extra in ("n5_seed1", "n10_seed1"):  # training noise: the same world, budget and knobs, another seed
+        w, n = rw.world_of(64), int(extra[1:].split("_")[0])
+        return print(eb.stage_distil(rw.first_teachers(64, n), w["general"], w["base"], second_draw(n), 1,
+                                     **rw.knobs(n, w["cache"])[1]).get("seconds"))
     w, (folder, out) = rw.world_of(64), student_dir(extra)
     if not folder.is_dir():  # the same teacher files, copied
         tmp = folder.with_suffix(".tmp")
@@ -51,8 +61,9 @@ def student(extra: str) -> None:
 def measure(extras: list, seeds: int = 16) -> None:
     w = rw.world_of(64)
     world = eb.build_world({k: eb.effect_registry()[k] for k in FIRST}, 0)
-    loras = {"n5": rw.student_dir(64, 5) / "lora"} | {f"plus_{x}": student_dir(x)[1] / "lora" for x in extras}
+    loras = {"n5": rw.student_dir(64, 5) / "lora"} | {f"plus_{x}": student_dir(x)[1] / "lora" for x in extras if x in OTHERS}
     loras["n10"] = rw.student_dir(64, 10) / "lora"
+    loras |= {x: second_draw(int(x[1:].split("_")[0])) / "lora" for x in extras if x not in OTHERS}
     pipe = eb.load_all(w["base"], world.effects, w["teachers"], loras)
     methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0)} | {
         m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
@@ -68,20 +79,22 @@ def measure(extras: list, seeds: int = 16) -> None:
             diff = lambda a, b: [x - y for x, y in zip(a, b)]
             print(f"  {m + ' - n5':22s} {pm(diff(r['replicates'][m], r['replicates']['n5'])):>15s}"
                   + "".join(f"{pm(diff(each[m][k], each['n5'][k])):>17s}" for k in FIRST), flush=True)
-    path = rw.N10.parent / "n_step_neighbour.json"
+    path = rw.N10.parent / f"n_step_neighbour_{'_'.join(extras)}.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 
 
 def main(argv: list) -> int:
     torch.set_num_threads(1)
-    usage = f"usage: n_step_neighbour.py student EFFECT | measure EFFECT ... (EFFECT one of {', '.join(OTHERS)})"
+    usage = f"usage: n_step_neighbour.py student EFFECT | measure EFFECT ... (EFFECT one of {', '.join(OTHERS)}; n5_seed1 and " \
+            f"n10_seed1: the N = 5 and N = 10 students again, with seed 1)"
     cmd, args = (argv or ["no command"])[0], argv[1:]
-    if not (cmd == "student" and len(args) == 1 or cmd == "measure" and args) or not set(args) <= set(OTHERS):
+    if not (cmd == "student" and len(args) == 1 or cmd == "measure" and args) or not set(args) <= {*OTHERS, "n5_seed1", "n10_seed1"}:
         print(f"error: {' '.join(argv) or cmd} -- {usage}", file=sys.stderr)
         return 2
     need = [rw.world_of(64)["teachers"]] + ([rw.student_dir(64, n) / "lora" for n in (5, 10)]
-                                            + [student_dir(x)[1] / "lora" for x in args] if cmd == "measure" else [])
+                                            + [student_dir(x)[1] / "lora" if x in OTHERS else second_draw(int(x[1:].split("_")[0])) / "lora"
+                                               for x in args] if cmd == "measure" else [])
     for path in (p for p in need if not p.exists()):
         print(f"error: '{path}' is missing -- build it first (see the usage at the top of examples/n_step_neighbour.py)",
               file=sys.stderr)
