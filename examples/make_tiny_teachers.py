@@ -26,8 +26,9 @@ EFFECTS = [  # name, instruction, rank, alpha
 ]
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """A random QwenImageEditPlusPipeline for CPU tests (~0.2M-param transformer, byte-level tokenizer, 4-channel VAE)."""
+def build_tiny_pipeline(seed: int = 0, hidden: int = 16):
+    """A random QwenImageEditPlusPipeline for CPU tests (~0.2M-param transformer, byte-level tokenizer, 4-channel VAE).
+    hidden: the text encoder's width, which is the transformer's joint_attention_dim (a multiple of 8; examples/room_text.py)."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
                            QwenImageTransformer2DModel)
     from tokenizers import pre_tokenizers
@@ -37,10 +38,9 @@ def build_tiny_pipeline(seed: int = 0):
     vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()) + special)}  # one token per byte
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=special[1:])
     ids = tokenizer.convert_tokens_to_ids
-    hidden = 16  # text hidden size == transformer joint_attention_dim
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(  # heads of 8 (mrope_section sums to 4)
+        text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=hidden // 8, num_key_value_heads=1, max_position_embeddings=1024,
                          rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[1, 1, 2]),
                          bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>")),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=14,

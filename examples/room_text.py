@@ -1,0 +1,120 @@
+"""Is N's cost the text channel? The step from N = 5 to N = 10 effects on the toy base with a text encoder 4x as wide.
+
+    python examples/room_text.py base          # runs/text/seed0/base_t64 (a few minutes of a core)
+    python examples/room_text.py teachers 0    # its teachers of the first 10 effects, half each, then `teachers 2`:
+    python examples/room_text.py teachers 1    #   general/ and 64 sources each
+    python examples/room_text.py student 5     # the first 5 / 10 effects at 1,200 warm-start + 50 full iterations per
+    python examples/room_text.py student 10    #   effect, the bench's knobs
+    python examples/room_text.py measure       # 16 seeds, the first 5 effects, both source sets
+    python examples/room_text.py student 5 1; python examples/room_text.py student 10 1   # a second training draw (seed 1)
+    python examples/room_text.py measure 0 1   # both draws
+
+examples/room_width.py made the transformer twice as wide and the step stayed. What it kept is the text channel: every
+student reads its N prompts through the toy's random text encoder, 16 numbers per token, and its chosen prompts sit at
+cosines of 0.92-0.94 to each other (AOP's measure). Here the text encoder is 64 wide (8 heads of 8, the transformer's
+joint_attention_dim 64); the transformer (width 64, 3 layers), VAE (copied; checked equal) and tokenizer are the toy's,
+pretrained as the toy was. If the text channel sets N's cost, the step from N = 5 to N = 10 shrinks here. `measure`
+prints it as examples/room_width.py does (student - 40-step teacher, four 4-seed replicates) and writes
+runs/text/room_text.json.
+"""
+import dataclasses
+import functools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import effectbench as eb  # noqa: E402
+import room_width as rw  # noqa: E402
+
+HOME = Path("runs/text/seed0")
+BASE, TRAINED, GENERAL, WORLD = HOME / "base_t64", HOME / "n10_t600_t64" / "teachers", HOME / "n10_t600_t64" / "general", \
+    HOME / "n10_t600_t64_img64"
+
+
+def build_base() -> None:
+    from diffusers import QwenImageTransformer2DModel
+    toy = eb.load_base(Path("examples/toy/base"))
+    eb.make_vae, eb.train_vae = (lambda: toy.vae), (lambda *a, **k: None)  # the toy's trained VAE, not trained again
+    eb.build_tiny_pipeline = functools.partial(eb.build_tiny_pipeline, hidden=64)  # assemble_pipeline's text encoder
+    eb.make_transformer = lambda: QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
+                                                              attention_head_dim=16, num_attention_heads=4,
+                                                              joint_attention_dim=64, axes_dims_rope=(8, 4, 4))
+    print(eb.stage_base(eb.build_world(eb.effect_registry(), 0), BASE, 0, 4000, 2500))
+    wide = eb.load_base(BASE)
+    a, b = toy.vae.state_dict(), wide.vae.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and toy.tokenizer.get_vocab() == wide.tokenizer.get_vocab()
+    width = lambda pipe: pipe.text_encoder.config.text_config.hidden_size
+    print(f"oracle: VAE and tokenizer equal the toy base's; text encoder width {width(toy)} -> {width(wide)}")
+
+
+def teachers(j: int) -> None:
+    """As the bench's setup(): stage_teachers (j = 0, 1: half of them each; 2: all cached, then general/), with_images(64)."""
+    world = eb.build_world({k: eb.effect_registry()[k] for k in rw.NAMES}, 0)
+    eb.check_registry(world.effects, world.test[:8])
+    eb.stage_teachers(world, world.effects, BASE, TRAINED, GENERAL, 600, 0, part=(j, 2) if j < 2 else (0, 1))
+    if j == 2:
+        eb.with_images(world, TRAINED, WORLD / "teachers", 64)
+
+
+def student_dir(n: int, seed: int = 0) -> tuple:
+    """(teachers folder, student folder) of the first n effects (another seed: a second training draw; its router, noise,
+    LoRA init, triggers and teacher targets); the first 5 teachers are the same files, copied."""
+    home = WORLD if n == 10 else WORLD.with_name(f"{WORLD.name}_first{n}")
+    folder = home / "teachers"
+    if n < 10 and not folder.is_dir() and (WORLD / "teachers").is_dir():
+        tmp = folder.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for k in rw.NAMES[:n]:
+            shutil.copytree(WORLD / "teachers" / k, tmp / k)
+        tmp.rename(folder)
+    return folder, home / (rw.knobs(n, WORLD / "cache")[0] + f"_seed{seed}" * (seed > 0))
+
+
+def student(n: int, seed: int = 0) -> None:
+    folder, out = student_dir(n, seed)
+    print(eb.stage_distil(folder, GENERAL, BASE, out, seed, **rw.knobs(n, WORLD / "cache")[1]).get("seconds"))
+
+
+def measure(*draws: int, seeds: int = 16) -> None:
+    world = eb.build_world({k: eb.effect_registry()[k] for k in rw.NAMES[:5]}, 0)
+    loras = {f"n{n}" + f"_seed{d}" * (d > 0): student_dir(n, d)[1] / "lora" for d in draws or (0,) for n in (5, 10)}
+    pipe = eb.load_all(BASE, world.effects, WORLD / "teachers", loras)
+    methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0), "teacher_8": eb.Method(lambda e: [e.name])} | {
+        m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
+    out = {}
+    for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
+        r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
+        gap = r["replicates"] | {f"n10 - n5{s}": [a - b for a, b in zip(r["replicates"][f"n10{s}"], r["replicates"][f"n5{s}"])]
+                                 for s in (f"_seed{d}" * (d > 0) for d in draws or (0,))}
+        out[where] = r | {"replicates": gap}
+        print(f"text width 64, {where}: the 40-step teacher {sum(r['reference'].values()) / 5:.2f} dB")
+        for m, v in gap.items():
+            print(f"  {m:14s} {'%+.2f +- %.2f' % eb.mean_se(v)} (replicates " + " ".join(f"{x:+.2f}" for x in v) + ")"
+                  + "".join(f"  {k} {x:+.2f}" for k, x in r["per_effect"].get(m, {}).items()), flush=True)
+    (HOME.parent / f"room_text{''.join(f'_{d}' for d in draws if draws != (0,))}.json").write_text(json.dumps(out, indent=1))
+
+
+def main(argv: list) -> int:
+    torch.set_num_threads(1)
+    usage = "usage: room_text.py base | teachers J (0, 1, 2) | student N [SEED] (N 5 or 10) | measure [SEED ...] (default 0)"
+    cmd, args = (argv or ["no command"])[0], [int(a) if a.isdigit() else -1 for a in argv[1:]]
+    valid = {"base": args == [], "teachers": args in ([0], [1], [2]), "measure": all(a >= 0 for a in args),
+             "student": len(args) in (1, 2) and args[0] in (5, 10) and all(a >= 0 for a in args)}
+    if not valid.get(cmd):
+        print(f"error: {' '.join(argv) or cmd} -- {usage}", file=sys.stderr)
+        return 2
+    need = {"base": [], "teachers": [BASE], "student": [WORLD / "teachers"],
+            "measure": [student_dir(n, d)[1] / "lora" for d in args or [0] for n in (5, 10)]}
+    for path in (p for p in need[cmd] if not p.exists()):
+        print(f"error: '{path}' is missing -- build it first (see the usage at the top of examples/room_text.py)", file=sys.stderr)
+        return 2
+    {"base": build_base, "teachers": teachers, "student": student, "measure": measure}[cmd](*args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
