@@ -72,12 +72,12 @@ def measure(extras: list, seeds: int = 16) -> None:
         out[where] = r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
         each, pm = r["effect_replicates"], lambda v: "%+.2f +- %.2f" % eb.mean_se(v)
         print(f"{where}, {seeds} seeds: student - 40-step teacher ({', '.join(f'{k} {v:.2f} dB' for k, v in r['reference'].items())})")
-        print(f"  {'':22s} {'mean':>15s}" + "".join(f"{k:>17s}" for k in FIRST))
+        print(f"  {'':26s} {'mean':>15s}" + "".join(f"{k:>17s}" for k in FIRST))
         for m in loras:
-            print(f"  {m:22s} {pm(r['replicates'][m]):>15s}" + "".join(f"{pm(each[m][k]):>17s}" for k in FIRST))
+            print(f"  {m:26s} {pm(r['replicates'][m]):>15s}" + "".join(f"{pm(each[m][k]):>17s}" for k in FIRST))
         for m in [m for m in loras if m != "n5"]:  # paired: every row sees the same noise (one training draw each)
             diff = lambda a, b: [x - y for x, y in zip(a, b)]
-            print(f"  {m + ' - n5':22s} {pm(diff(r['replicates'][m], r['replicates']['n5'])):>15s}"
+            print(f"  {m + ' - n5':26s} {pm(diff(r['replicates'][m], r['replicates']['n5'])):>15s}"
                   + "".join(f"{pm(diff(each[m][k], each['n5'][k])):>17s}" for k in FIRST), flush=True)
     path = rw.N10.parent / f"n_step_neighbour_{'_'.join(extras)}.json"
     path.write_text(json.dumps(out, indent=1))
