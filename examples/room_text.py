@@ -88,7 +88,7 @@ def measure(*draws: int, seeds: int = 16) -> None:
     out = {}
     for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
         r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
-        gap = r["replicates"] | {f"n10 - n5{s}": [a - b for a, b in zip(r["replicates"][f"n10{s}"], r["replicates"][f"n5{s}"])]
+        gap = r["replicates"] | {f"n10{s} - n5{s}": [a - b for a, b in zip(r["replicates"][f"n10{s}"], r["replicates"][f"n5{s}"])]
                                  for s in (f"_seed{d}" * (d > 0) for d in draws or (0,))}
         out[where] = r | {"replicates": gap}
         print(f"text width 64, {where}: the 40-step teacher {sum(r['reference'].values()) / 5:.2f} dB")
