@@ -104,16 +104,10 @@ def main(argv: list) -> int:
     cmd, args = (argv or ["no command"])[0], [int(a) if a.isdigit() else -1 for a in argv[1:]]
     valid = {"base": args == [], "teachers": args in ([0], [1], [2]), "measure": all(a >= 0 for a in args),
              "student": len(args) in (1, 2) and args[0] in (5, 10) and all(a >= 0 for a in args)}
-    if not valid.get(cmd):
-        print(f"error: {' '.join(argv) or cmd} -- {usage}", file=sys.stderr)
-        return 2
-    need = {"base": [], "teachers": [BASE], "student": [WORLD / "teachers"],
-            "measure": [student_dir(n, d)[1] / "lora" for d in args or [0] for n in (5, 10)]}
-    for path in (p for p in need[cmd] if not p.exists()):
-        print(f"error: '{path}' is missing -- build it first (see the usage at the top of examples/room_text.py)", file=sys.stderr)
-        return 2
-    {"base": build_base, "teachers": teachers, "student": student, "measure": measure}[cmd](*args)
-    return 0
+    need = lambda: {"base": [], "teachers": [BASE], "student": [WORLD / "teachers"],
+                    "measure": [student_dir(n, d)[1] / "lora" for d in args or [0] for n in (5, 10)]}[cmd]
+    return rw.dispatch(argv, usage, valid.get(cmd), need, lambda: {"base": build_base, "teachers": teachers, "student": student,
+                                                                   "measure": measure}[cmd](*args))
 
 
 if __name__ == "__main__":

@@ -143,15 +143,22 @@ def main(argv: list) -> int:
     valid = {"base": args == [], "teachers": args in ([0], [1], [2]),
              "student": len(args) in (2, 3) and args[0] in (64, 128) and 1 <= args[1] <= 10 and rank_ok(args[2:]),
              "measure": len(args) in (1, 2) and args[0] in (64, 128) and rank_ok(args[1:])}
-    if not valid.get(cmd):
-        print(f"error: {' '.join(argv) or cmd} -- {usage}", file=sys.stderr)
+    need = lambda: ([world_of(64)["teachers"] if 64 in args[:1] else world_of(128)["base"]] if cmd != "base" else []) + (
+        [student_dir(args[0], n, *args[1:]) / "lora" for n in (5, 10)] if cmd == "measure" else [])
+    return dispatch(argv, usage, valid.get(cmd), need, lambda: {"base": build_base, "teachers": teachers, "student": student,
+                                                                "measure": measure}[cmd](*args))
+
+
+def dispatch(argv: list, usage: str, valid: bool, need, run) -> int:
+    """The experiment scripts' command line: a bad command, or an input not built yet (need(): the paths it reads), is one
+    line and exit code 2; else run() it."""
+    if not valid:
+        print(f"error: {' '.join(argv) or 'no command'} -- {usage}", file=sys.stderr)
         return 2
-    need = [world_of(64)["teachers"] if 64 in args[:1] else world_of(128)["base"]] if cmd != "base" else []
-    need += [student_dir(args[0], n, *args[1:]) / "lora" for n in (5, 10)] if cmd == "measure" else []
-    for path in (p for p in need if not p.exists()):
-        print(f"error: '{path}' is missing -- build it first (see the usage at the top of examples/room_width.py)", file=sys.stderr)
+    for path in (p for p in need() if not p.exists()):
+        print(f"error: '{path}' is missing -- build it first (see the usage at the top of {Path(sys.argv[0]).name})", file=sys.stderr)
         return 2
-    {"base": build_base, "teachers": teachers, "student": student, "measure": measure}[cmd](*args)
+    run()
     return 0
 
 
