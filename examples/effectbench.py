@@ -499,12 +499,12 @@ def make_transformer():
                                        num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
 
 
-def assemble_pipeline(vae, transformer, vocab, merges, seed: int):
+def assemble_pipeline(vae, transformer, vocab, merges, seed: int, text_width: int = 16):
     """collectionlora's tiny pipeline with our tokenizer, VAE and transformer swapped in. The text
-    encoder stays collectionlora's random one (it is never trained: the transformer learns to read it)."""
+    encoder stays collectionlora's random one, `text_width` wide (never trained: the transformer learns to read it)."""
     from diffusers import QwenImageEditPlusPipeline
     from transformers import Qwen2Tokenizer
-    tiny = build_tiny_pipeline(seed)
+    tiny = build_tiny_pipeline(seed, hidden=text_width)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=SPECIAL[1:])
     torch.manual_seed(seed)
     tiny.text_encoder.resize_token_embeddings(len(vocab), mean_resizing=False)  # rows for the merged words (load_base overwrites them)
@@ -730,22 +730,25 @@ def sample_student(transformer, noise, source, p: Prompts, steps: int, gen: torc
 
 # ---- Stages (each cached on disk; delete its folder to redo it) ----
 
-def stage_base(world: World, folder: Path, seed: int, vae_steps: int, base_steps: int) -> dict:
-    """Train the VAE, then pretrain the transformer by flow matching on the general edits."""
+def stage_base(world: World, folder: Path, seed: int, vae_steps: int, base_steps: int, vae=None, transformer=make_transformer,
+               text_width: int = 16) -> dict:
+    """Train the VAE (or take a trained one), then pretrain the transformer (transformer() builds it; its joint_attention_dim
+    is the text encoder's text_width) by flow matching on the general edits. examples/room_*.py vary the last three."""
     if (folder / "effectbench_base.json").is_file():
         return json.loads((folder / "effectbench_base.json").read_text())
     t0 = time.time()
     prompts = list(GENERAL_EDITS) + [e.instruction for e in world.effects]
     vocab, merges = train_tokenizer(build_tiny_pipeline(seed).prompt_template_encode, prompts + [""])
     torch.manual_seed(seed)
-    pipe = assemble_pipeline(make_vae(), make_transformer(), vocab, merges, seed)
+    pipe = assemble_pipeline(make_vae() if vae is None else vae, transformer(), vocab, merges, seed, text_width)
     # The VAE sees its own stream of procedural pictures (half of them through a general edit): no effect
     # output, no held-out source. 512 pictures over-fitted (23 dB train, 19 dB held-out); 4096 are cheap.
     rng = random.Random(f"{seed}/vae")
     edits = list(GENERAL_EDITS.values())
     images = torch.stack([make_source(random.Random(f"{seed}/vae/{i}")) for i in range(4096)])
     images = torch.stack([rng.choice(edits)(x) if i % 2 else x for i, x in enumerate(images)])
-    train_vae(pipe.vae, images, vae_steps, seed)
+    if vae is None:
+        train_vae(pipe.vae, images, vae_steps, seed)
     rt = psnr(unpack(pipe, pack(pipe, world.test)), world.test).mean().item()
     log(f"VAE round trip on held-out sources: {rt:.2f} dB ({time.time() - t0:.0f} s)")
     # general edit pairs: every train source x every general instruction

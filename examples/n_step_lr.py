@@ -73,29 +73,18 @@ def measure(variants: list, seeds: int = 16) -> None:
 def main(argv: list) -> int:
     torch.set_num_threads(1)
     usage = "usage: n_step_lr.py student N LR LENGTH | measure LR:LENGTH ... (N 5 or 10, LR > 0, LENGTH 1 to 8)"
-    try:
-        cmd = argv[0]
+    cmd, args = (argv or ["no command"])[0], None
+    try:  # student N LR LENGTH, or measure LR:LENGTH ...
         if cmd == "student" and len(argv) == 4 and int(argv[1]) in (5, 10) and float(argv[2]) > 0 and 1 <= int(argv[3]) <= 8:
             args = [int(argv[1]), float(argv[2]), int(argv[3])]
         elif cmd == "measure" and len(argv) > 1:
             args = [[(float(lr), int(k)) for lr, k in (a.split(":") for a in argv[1:])]]
-            assert all(lr > 0 and 1 <= k <= 8 for lr, k in args[0])
-        else:
-            raise ValueError
-    except (IndexError, ValueError, AssertionError):
-        print(f"error: {' '.join(argv) or 'no command'} -- {usage}", file=sys.stderr)
-        return 2
-    if not rw.world_of(64)["teachers"].is_dir():
-        print(f"error: '{rw.world_of(64)['teachers']}' is missing -- build the width-64 world first (examples/room_width.py's docstring)",
-              file=sys.stderr)
-        return 2
-    missing = [p for lr, k in args[0] for n in (5, 10) if not (p := student_dir(n, lr, k)[0] / "lora").exists()] if cmd == "measure" else []
-    if missing:
-        print(f"error: '{missing[0]}' is missing -- train it first with `student`", file=sys.stderr)
-        return 2
-    {"student": student, "measure": measure}[cmd](*args)
-    return 0
-
+            args = args if all(lr > 0 and 1 <= k <= 8 for lr, k in args[0]) else None
+    except ValueError:
+        pass
+    need = lambda: [rw.world_of(64)["teachers"]] + ([student_dir(n, lr, k)[0] / "lora" for lr, k in args[0] for n in (5, 10)]
+                                                    if cmd == "measure" else [])
+    return rw.dispatch(argv, usage, args is not None, need, lambda: {"student": student, "measure": measure}[cmd](*args))
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -18,7 +18,6 @@ train the N = 5 and N = 10 students again with seed 1 (router, noise, LoRA init 
 """
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -31,39 +30,31 @@ import room_width as rw  # noqa: E402
 FIRST, OTHERS = rw.NAMES[:5], rw.NAMES[5:]
 
 
-def student_dir(extra: str) -> tuple:
-    """(teachers folder, student folder) of the first 5 effects + `extra`."""
+DRAWS = {"n5_seed1": 5, "n10_seed1": 10}  # room_width.py's N = 5 and N = 10 students, trained again with seed 1
+
+
+def student_dir(extra: str) -> Path:
+    """The student of the first 5 effects + `extra`, or (extra in DRAWS) the second training draw of N = 5 or 10."""
+    if extra in DRAWS:
+        return rw.student_dir(64, DRAWS[extra]).with_name(rw.student_dir(64, DRAWS[extra]).name + "_seed1")
     home = rw.world_of(64)["home"]
-    home = home.with_name(f"{home.name}_first5_{extra}")
-    return home / "teachers", home / rw.knobs(6, rw.world_of(64)["cache"])[0]
-
-
-def second_draw(n: int) -> Path:
-    """The N = n student (5 or 10) of room_width.py trained again with seed 1 (its router, noise, LoRA init and triggers)."""
-    return rw.student_dir(64, n).with_name(rw.student_dir(64, n).name + "_seed1")
+    return home.with_name(f"{home.name}_first5_{extra}") / rw.knobs(6, rw.world_of(64)["cache"])[0]
 
 
 def student(extra: str) -> None:
-    if extra in ("n5_seed1", "n10_seed1"):  # training noise: the same world, budget and knobs, another seed
-        w, n = rw.world_of(64), int(extra[1:].split("_")[0])
-        return print(eb.stage_distil(rw.first_teachers(64, n), w["general"], w["base"], second_draw(n), 1,
-                                     **rw.knobs(n, w["cache"])[1]).get("seconds"))
-    w, (folder, out) = rw.world_of(64), student_dir(extra)
-    if not folder.is_dir():  # the same teacher files, copied
-        tmp = folder.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for k in FIRST + [extra]:
-            shutil.copytree(w["teachers"] / k, tmp / k)
-        tmp.rename(folder)
-    print(eb.stage_distil(folder, w["general"], w["base"], out, 0, **rw.knobs(6, w["cache"])[1]).get("seconds"))
+    w, out = rw.world_of(64), student_dir(extra)
+    if extra in DRAWS:  # training noise: the same world, budget and knobs, another seed (router, noise, LoRA init, triggers)
+        folder, n, seed = rw.first_teachers(64, DRAWS[extra]), DRAWS[extra], 1
+    else:  # the same teacher files, copied
+        folder, n, seed = rw.copy_teachers(w["teachers"], out.parent / "teachers", FIRST + [extra]), 6, 0
+    print(eb.stage_distil(folder, w["general"], w["base"], out, seed, **rw.knobs(n, w["cache"])[1]).get("seconds"))
 
 
 def measure(extras: list, seeds: int = 16) -> None:
     w = rw.world_of(64)
     world = eb.build_world({k: eb.effect_registry()[k] for k in FIRST}, 0)
-    loras = {"n5": rw.student_dir(64, 5) / "lora"} | {f"plus_{x}": student_dir(x)[1] / "lora" for x in extras if x in OTHERS}
-    loras["n10"] = rw.student_dir(64, 10) / "lora"
-    loras |= {x: second_draw(int(x[1:].split("_")[0])) / "lora" for x in extras if x not in OTHERS}
+    loras = {"n5": rw.student_dir(64, 5) / "lora"} | {f"plus_{x}": student_dir(x) / "lora" for x in extras if x in OTHERS}
+    loras |= {"n10": rw.student_dir(64, 10) / "lora"} | {x: student_dir(x) / "lora" for x in extras if x in DRAWS}
     pipe = eb.load_all(w["base"], world.effects, w["teachers"], loras)
     methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0)} | {
         m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
@@ -89,19 +80,10 @@ def main(argv: list) -> int:
     usage = f"usage: n_step_neighbour.py student EFFECT | measure EFFECT ... (EFFECT one of {', '.join(OTHERS)}; n5_seed1 and " \
             f"n10_seed1: the N = 5 and N = 10 students again, with seed 1)"
     cmd, args = (argv or ["no command"])[0], argv[1:]
-    if not (cmd == "student" and len(args) == 1 or cmd == "measure" and args) or not set(args) <= {*OTHERS, "n5_seed1", "n10_seed1"}:
-        print(f"error: {' '.join(argv) or cmd} -- {usage}", file=sys.stderr)
-        return 2
-    need = [rw.world_of(64)["teachers"]] + ([rw.student_dir(64, n) / "lora" for n in (5, 10)]
-                                            + [student_dir(x)[1] / "lora" if x in OTHERS else second_draw(int(x[1:].split("_")[0])) / "lora"
-                                               for x in args] if cmd == "measure" else [])
-    for path in (p for p in need if not p.exists()):
-        print(f"error: '{path}' is missing -- build it first (see the usage at the top of examples/n_step_neighbour.py)",
-              file=sys.stderr)
-        return 2
-    (student(*args) if cmd == "student" else measure(args))
-    return 0
-
+    valid = (cmd == "student" and len(args) == 1 or cmd == "measure" and args) and set(args) <= {*OTHERS, *DRAWS}
+    need = lambda: [rw.world_of(64)["teachers"]] + ([rw.student_dir(64, n) / "lora" for n in (5, 10)]
+                                                    + [student_dir(x) / "lora" for x in args] if cmd == "measure" else [])
+    return rw.dispatch(argv, usage, valid, need, lambda: student(*args) if cmd == "student" else measure(args))
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -18,9 +18,7 @@ prints it as examples/room_width.py does (student - 40-step teacher, four 4-seed
 runs/text/room_text.json.
 """
 import dataclasses
-import functools
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -35,22 +33,6 @@ BASE, TRAINED, GENERAL, WORLD = HOME / "base_t64", HOME / "n10_t600_t64" / "teac
     HOME / "n10_t600_t64_img64"
 
 
-def build_base() -> None:
-    from diffusers import QwenImageTransformer2DModel
-    toy = eb.load_base(Path("examples/toy/base"))
-    eb.make_vae, eb.train_vae = (lambda: toy.vae), (lambda *a, **k: None)  # the toy's trained VAE, not trained again
-    eb.build_tiny_pipeline = functools.partial(eb.build_tiny_pipeline, hidden=64)  # assemble_pipeline's text encoder
-    eb.make_transformer = lambda: QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
-                                                              attention_head_dim=16, num_attention_heads=4,
-                                                              joint_attention_dim=64, axes_dims_rope=(8, 4, 4))
-    print(eb.stage_base(eb.build_world(eb.effect_registry(), 0), BASE, 0, 4000, 2500))
-    wide = eb.load_base(BASE)
-    a, b = toy.vae.state_dict(), wide.vae.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and toy.tokenizer.get_vocab() == wide.tokenizer.get_vocab()
-    width = lambda pipe: pipe.text_encoder.config.text_config.hidden_size
-    print(f"oracle: VAE and tokenizer equal the toy base's; text encoder width {width(toy)} -> {width(wide)}")
-
-
 def teachers(j: int) -> None:
     """As the bench's setup(): stage_teachers (j = 0, 1: half of them each; 2: all cached, then general/), with_images(64)."""
     world = eb.build_world({k: eb.effect_registry()[k] for k in rw.NAMES}, 0)
@@ -60,28 +42,22 @@ def teachers(j: int) -> None:
         eb.with_images(world, TRAINED, WORLD / "teachers", 64)
 
 
-def student_dir(n: int, seed: int = 0) -> tuple:
-    """(teachers folder, student folder) of the first n effects (another seed: a second training draw; its router, noise,
-    LoRA init, triggers and teacher targets); the first 5 teachers are the same files, copied."""
+def student_dir(n: int, seed: int = 0) -> Path:
+    """The student of the first n effects (another seed: a second training draw; its router, noise, LoRA init, triggers
+    and teacher targets)."""
     home = WORLD if n == 10 else WORLD.with_name(f"{WORLD.name}_first{n}")
-    folder = home / "teachers"
-    if n < 10 and not folder.is_dir() and (WORLD / "teachers").is_dir():
-        tmp = folder.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for k in rw.NAMES[:n]:
-            shutil.copytree(WORLD / "teachers" / k, tmp / k)
-        tmp.rename(folder)
-    return folder, home / (rw.knobs(n, WORLD / "cache")[0] + f"_seed{seed}" * (seed > 0))
+    return home / (rw.knobs(n, WORLD / "cache")[0] + f"_seed{seed}" * (seed > 0))
 
 
 def student(n: int, seed: int = 0) -> None:
-    folder, out = student_dir(n, seed)
+    out = student_dir(n, seed)  # N < 10: the first n teachers, the same files, copied beside it
+    folder = WORLD / "teachers" if n == 10 else rw.copy_teachers(WORLD / "teachers", out.parent / "teachers", rw.NAMES[:n])
     print(eb.stage_distil(folder, GENERAL, BASE, out, seed, **rw.knobs(n, WORLD / "cache")[1]).get("seconds"))
 
 
 def measure(*draws: int, seeds: int = 16) -> None:
     world = eb.build_world({k: eb.effect_registry()[k] for k in rw.NAMES[:5]}, 0)
-    loras = {f"n{n}" + f"_seed{d}" * (d > 0): student_dir(n, d)[1] / "lora" for d in draws or (0,) for n in (5, 10)}
+    loras = {f"n{n}" + f"_seed{d}" * (d > 0): student_dir(n, d) / "lora" for d in draws or (0,) for n in (5, 10)}
     pipe = eb.load_all(BASE, world.effects, WORLD / "teachers", loras)
     methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0), "teacher_8": eb.Method(lambda e: [e.name])} | {
         m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
@@ -105,7 +81,8 @@ def main(argv: list) -> int:
     valid = {"base": args == [], "teachers": args in ([0], [1], [2]), "measure": all(a >= 0 for a in args),
              "student": len(args) in (1, 2) and args[0] in (5, 10) and all(a >= 0 for a in args)}
     need = lambda: {"base": [], "teachers": [BASE], "student": [WORLD / "teachers"],
-                    "measure": [student_dir(n, d)[1] / "lora" for d in args or [0] for n in (5, 10)]}[cmd]
+                    "measure": [student_dir(n, d) / "lora" for d in args or [0] for n in (5, 10)]}[cmd]
+    build_base = lambda: rw.build_base(BASE, heads=4, text_width=64)
     return rw.dispatch(argv, usage, valid.get(cmd), need, lambda: {"base": build_base, "teachers": teachers, "student": student,
                                                                    "measure": measure}[cmd](*args))
 

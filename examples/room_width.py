@@ -66,22 +66,35 @@ def student_dir(width: int, n: int, rank: int = 64) -> Path:
     return (w["home"] if n == 10 else w["home"].with_name(f"{w['home'].name}_first{n}")) / knobs(n, w["cache"], rank)[0]
 
 
-def build_base() -> None:
+def build_base(folder: Path = WIDE / "base_w128", heads: int = 8, text_width: int = 16) -> None:
+    """A toy base of another size: the transformer `heads` heads of 16 wide (3 layers, as the toy), the text encoder
+    text_width wide; the toy's trained VAE (not trained again) and tokenizer, pretrained as the toy was. Checks that the
+    VAE and tokenizer (and the text encoder, where it is the toy's width) equal the toy base's."""
     from diffusers import QwenImageTransformer2DModel
     toy = eb.load_base(Path("examples/toy/base"))
-    eb.make_vae, eb.train_vae = (lambda: toy.vae), (lambda *a, **k: None)  # the toy's trained VAE, not trained again
-    eb.make_transformer = lambda: QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
-                                                              attention_head_dim=16, num_attention_heads=8,
-                                                              joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
-    base = world_of(128)["base"]
-    print(eb.stage_base(eb.build_world(eb.effect_registry(), 0), base, 0, 4000, 2500))
-    wide = eb.load_base(base)
-    for part in ("vae", "text_encoder"):
-        a, b = getattr(toy, part).state_dict(), getattr(wide, part).state_dict()
+    transformer = lambda: QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=16,
+                                                      num_attention_heads=heads, joint_attention_dim=text_width, axes_dims_rope=(8, 4, 4))
+    print(eb.stage_base(eb.build_world(eb.effect_registry(), 0), folder, 0, 4000, 2500, toy.vae, transformer, text_width))
+    new = eb.load_base(folder)
+    for part in ("vae", "text_encoder")[: 2 if text_width == 16 else 1]:
+        a, b = getattr(toy, part).state_dict(), getattr(new, part).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-    assert toy.tokenizer.get_vocab() == wide.tokenizer.get_vocab()
+    assert toy.tokenizer.get_vocab() == new.tokenizer.get_vocab()
     count = lambda pipe: sum(p.numel() for p in pipe.transformer.parameters())
-    print(f"oracle: VAE, text encoder and tokenizer equal the toy base's; transformer {count(toy):,} -> {count(wide):,} parameters")
+    width = lambda pipe: pipe.text_encoder.config.text_config.hidden_size
+    print(f"oracle: VAE, tokenizer{' and text encoder' * (text_width == 16)} equal the toy base's; transformer "
+          f"{count(toy):,} -> {count(new):,} parameters; text encoder width {width(toy)} -> {width(new)}")
+
+
+def copy_teachers(source: Path, folder: Path, names: list) -> Path:
+    """folder/<name> for each name: the same teacher files as source/<name>, copied (once; atomically)."""
+    if not folder.is_dir():
+        tmp = folder.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for k in names:
+            shutil.copytree(source / k, tmp / k)
+        tmp.rename(folder)
+    return folder
 
 
 def teachers(j: int) -> None:
@@ -97,16 +110,8 @@ def teachers(j: int) -> None:
 def first_teachers(width: int, n: int) -> Path:
     """The teachers folder of the first n effects: the same files, copied beside the N < 10 students."""
     w = world_of(width)
-    if n == 10:
-        return w["teachers"]
-    folder = w["home"].with_name(f"{w['home'].name}_first{n}") / "teachers"
-    if not folder.is_dir():
-        tmp = folder.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for k in NAMES[:n]:
-            shutil.copytree(w["teachers"] / k, tmp / k)
-        tmp.rename(folder)
-    return folder
+    return w["teachers"] if n == 10 else copy_teachers(w["teachers"], w["home"].with_name(f"{w['home'].name}_first{n}") / "teachers",
+                                                       NAMES[:n])
 
 
 def student(width: int, n: int, rank: int = 64) -> None:
