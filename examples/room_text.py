@@ -1,4 +1,6 @@
-"""Is N's cost the text channel? The step from N = 5 to N = 10 effects on the toy base with a text encoder 4x as wide.
+"""Is N's cost the text channel? The step from N = 5 to N = 10 effects on the toy base with a text encoder 4x as wide
+(or, with a leading `--width W`, W wide: `python examples/room_text.py --width 256 base`, and so on; each width its own
+world beside the others, runs/text/seed0/*_t<W>*).
 
     python examples/room_text.py base          # runs/text/seed0/base_t64 (a few minutes of a core)
     python examples/room_text.py teachers 0    # its teachers of the first 10 effects, half each, then `teachers 2`:
@@ -29,36 +31,43 @@ import effectbench as eb  # noqa: E402
 import room_width as rw  # noqa: E402
 
 HOME = Path("runs/text/seed0")
-BASE, TRAINED, GENERAL, WORLD = HOME / "base_t64", HOME / "n10_t600_t64" / "teachers", HOME / "n10_t600_t64" / "general", \
-    HOME / "n10_t600_t64_img64"
+WIDTH = 64  # main() sets it from --width
+
+
+def paths(width: int) -> tuple:
+    """The world of a text width: its base, trained teachers, general edits and the folder of its 64-source teachers and students."""
+    return (HOME / f"base_t{width}", HOME / f"n10_t600_t{width}" / "teachers", HOME / f"n10_t600_t{width}" / "general",
+            HOME / f"n10_t600_t{width}_img64")
 
 
 def teachers(j: int) -> None:
     """As the bench's setup(): stage_teachers (j = 0, 1: half of them each; 2: all cached, then general/), with_images(64)."""
-    world = eb.build_world({k: eb.effect_registry()[k] for k in rw.NAMES}, 0)
+    world, (base, trained, general, folder) = eb.build_world({k: eb.effect_registry()[k] for k in rw.NAMES}, 0), paths(WIDTH)
     eb.check_registry(world.effects, world.test[:8])
-    eb.stage_teachers(world, world.effects, BASE, TRAINED, GENERAL, 600, 0, part=(j, 2) if j < 2 else (0, 1))
+    eb.stage_teachers(world, world.effects, base, trained, general, 600, 0, part=(j, 2) if j < 2 else (0, 1))
     if j == 2:
-        eb.with_images(world, TRAINED, WORLD / "teachers", 64)
+        eb.with_images(world, trained, folder / "teachers", 64)
 
 
 def student_dir(n: int, seed: int = 0) -> Path:
     """The student of the first n effects (another seed: a second training draw; its router, noise, LoRA init, triggers
     and teacher targets)."""
-    home = WORLD if n == 10 else WORLD.with_name(f"{WORLD.name}_first{n}")
-    return home / (rw.knobs(n, WORLD / "cache")[0] + f"_seed{seed}" * (seed > 0))
+    folder = paths(WIDTH)[3]
+    home = folder if n == 10 else folder.with_name(f"{folder.name}_first{n}")
+    return home / (rw.knobs(n, folder / "cache")[0] + f"_seed{seed}" * (seed > 0))
 
 
 def student(n: int, seed: int = 0) -> None:
-    out = student_dir(n, seed)  # N < 10: the first n teachers, the same files, copied beside it
-    folder = WORLD / "teachers" if n == 10 else rw.copy_teachers(WORLD / "teachers", out.parent / "teachers", rw.NAMES[:n])
-    print(eb.stage_distil(folder, GENERAL, BASE, out, seed, **rw.knobs(n, WORLD / "cache")[1]).get("seconds"))
+    (base, _, general, folder), out = paths(WIDTH), student_dir(n, seed)
+    # N < 10: the first n teachers, the same files, copied beside it
+    mine = folder / "teachers" if n == 10 else rw.copy_teachers(folder / "teachers", out.parent / "teachers", rw.NAMES[:n])
+    print(eb.stage_distil(mine, general, base, out, seed, **rw.knobs(n, folder / "cache")[1]).get("seconds"))
 
 
 def measure(*draws: int, seeds: int = 16) -> None:
-    world = eb.build_world({k: eb.effect_registry()[k] for k in rw.NAMES[:5]}, 0)
+    world, (base, _, _, folder) = eb.build_world({k: eb.effect_registry()[k] for k in rw.NAMES[:5]}, 0), paths(WIDTH)
     loras = {f"n{n}" + f"_seed{d}" * (d > 0): student_dir(n, d) / "lora" for d in draws or (0,) for n in (5, 10)}
-    pipe = eb.load_all(BASE, world.effects, WORLD / "teachers", loras)
+    pipe = eb.load_all(base, world.effects, folder / "teachers", loras)
     methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0), "teacher_8": eb.Method(lambda e: [e.name])} | {
         m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
     out = {}
@@ -67,24 +76,30 @@ def measure(*draws: int, seeds: int = 16) -> None:
         gap = r["replicates"] | {f"n10{s} - n5{s}": [a - b for a, b in zip(r["replicates"][f"n10{s}"], r["replicates"][f"n5{s}"])]
                                  for s in (f"_seed{d}" * (d > 0) for d in draws or (0,))}
         out[where] = r | {"replicates": gap}
-        print(f"text width 64, {where}: the 40-step teacher {sum(r['reference'].values()) / 5:.2f} dB")
+        print(f"text width {WIDTH}, {where}: the 40-step teacher {sum(r['reference'].values()) / 5:.2f} dB")
         for m, v in gap.items():
             print(f"  {m:14s} {'%+.2f +- %.2f' % eb.mean_se(v)} (replicates " + " ".join(f"{x:+.2f}" for x in v) + ")"
                   + "".join(f"  {k} {x:+.2f}" for k, x in r["per_effect"].get(m, {}).items()), flush=True)
-    (HOME.parent / f"room_text{''.join(f'_{d}' for d in draws if draws != (0,))}.json").write_text(json.dumps(out, indent=1))
+    name = f"room_text{f'_w{WIDTH}' * (WIDTH != 64)}{''.join(f'_{d}' for d in draws if draws != (0,))}.json"
+    (HOME.parent / name).write_text(json.dumps(out, indent=1))
 
 
 def main(argv: list) -> int:
+    global WIDTH
     torch.set_num_threads(1)
-    usage = "usage: room_text.py base | teachers J (0, 1, 2) | student N [SEED] (N 5 or 10) | measure [SEED ...] (default 0)"
+    usage = ("usage: room_text.py [--width W] base | teachers J (0, 1, 2) | student N [SEED] (N 5 or 10) | measure [SEED ...] "
+             "(default 0); W a multiple of 8 from 16 to 1024, default 64")
+    given, argv = argv, argv[2:] if argv[:1] == ["--width"] else argv
+    WIDTH = (int(given[1]) if given[1:2] and given[1].isdigit() else -1) if argv is not given else 64
     cmd, args = (argv or ["no command"])[0], [int(a) if a.isdigit() else -1 for a in argv[1:]]
     valid = {"base": args == [], "teachers": args in ([0], [1], [2]), "measure": all(a >= 0 for a in args),
              "student": len(args) in (1, 2) and args[0] in (5, 10) and all(a >= 0 for a in args)}
-    need = lambda: {"base": [], "teachers": [BASE], "student": [WORLD / "teachers"],
+    base, _, _, folder = paths(WIDTH)
+    need = lambda: {"base": [], "teachers": [base], "student": [folder / "teachers"],
                     "measure": [student_dir(n, d) / "lora" for d in args or [0] for n in (5, 10)]}[cmd]
-    build_base = lambda: rw.build_base(BASE, heads=4, text_width=64)
-    return rw.dispatch(argv, usage, valid.get(cmd), need, lambda: {"base": build_base, "teachers": teachers, "student": student,
-                                                                   "measure": measure}[cmd](*args))
+    build_base = lambda: rw.build_base(base, heads=4, text_width=WIDTH)
+    return rw.dispatch(given, usage, valid.get(cmd) and WIDTH in range(16, 1025, 8), need, lambda: {
+        "base": build_base, "teachers": teachers, "student": student, "measure": measure}[cmd](*args))
 
 
 if __name__ == "__main__":
