@@ -14,7 +14,7 @@ Then a speed table, one column per --model:
   * the share of an iteration spent inside the transformer's forward and autograd's backward (goal >= 90 %; the rest
     is Python, peft's adapter switching, losses, the optimiser);
   * one TeacherBank.swap to another teacher against one iteration (goal <= 5 %); `train` swaps at most once per
-    route_every = 20 iterations, so the amortised share is also given;
+    route_every iterations (the CLI's default 1, the paper's; the official code's 20), so the amortised share is also given;
   * one edit by the student (8 steps, no CFG: 8 NFE) and one by a teacher (40 steps with CFG g = 5: 80 NFE) through
     the stock pipeline (`collectionlora.sample`: text encoding and VAE decoding included), seconds each.
 `--model mid` puts a random 32M-parameter QwenImageTransformer2DModel (6 blocks, width 384) in place of the tiny
