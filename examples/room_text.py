@@ -17,7 +17,7 @@ cosines of 0.92-0.94 to each other (AOP's measure). Here the text encoder is 64 
 joint_attention_dim 64); the transformer (width 64, 3 layers), VAE (copied; checked equal) and tokenizer are the toy's,
 pretrained as the toy was. If the text channel sets N's cost, the step from N = 5 to N = 10 shrinks here. `measure`
 prints it as examples/room_width.py does (student - 40-step teacher, four 4-seed replicates) and writes
-runs/text/room_text.json.
+runs/text/room_text.json (room_text_w<W>.json at another width; _0_1 for two draws).
 """
 import dataclasses
 import json
