@@ -7,9 +7,9 @@ one effect, or from the general stream), at batch B, against the 40-step teacher
     python examples/route_period.py measure 1:1 20:1    # 16 seeds, all 10 effects, held-out and training sources;
                                                         #   each R:B[:SEED] against period 1 at its batch and seed
 
-The world is the bench's N = 10 world on the toy base (examples/room_width.py builds it: runs/n10), and the students get
-its budget, 1,200 warm-start + 50 full iterations per effect, with the bench's knobs but the period, the batch and the
-seed. Period 5 at batch 8, seed 0, is the bench's own student there; the students of session 35 (periods 1, 10, 20, 50
+The world is the bench's N = 10 world on the toy base (runs/n10: the effectbench.py command in examples/room_width.py's
+docstring builds it), and the students get its budget, 1,200 warm-start + 50 full iterations per effect, with the bench's
+knobs but the period, the batch and the seed. Period 5 at batch 8, seed 0, is the bench's own student there; the students of session 35 (periods 1, 10, 20, 50
 at batch 8) sit beside it under the same names. At batch 8 a period is 8x the edits of one effect that it is at batch 1,
 so batch 1 asks whether the cost of a long period follows the steps or the edits. `measure` prints, per student, its
 nearest-valid PSNR minus the 40-step teacher's (CFG 1) as four 4-seed replicates (+- one standard error), then each
