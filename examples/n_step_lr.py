@@ -13,7 +13,6 @@ progress (half the lr, twice the iterations). If it is a fit the student cannot 
 `measure` prints, per lr and length, N = 5 and N = 10 minus the 40-step teacher (CFG 1) in nearest-valid PSNR as four
 4-seed replicates (± one standard error) and the step between them, and writes runs/n10/n_step_lr_<variants>.json.
 """
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -44,14 +43,9 @@ def tag(lr: float, length: int) -> str:
 
 def measure(variants: list, seeds: int = 16) -> None:
     w, names = rw.world_of(64), rw.NAMES[:5]
-    world = eb.build_world({k: eb.effect_registry()[k] for k in names}, 0)
     loras = {f"n{n}_{tag(lr, length)}": student_dir(n, lr, length)[0] / "lora" for lr, length in variants for n in (5, 10)}
-    pipe = eb.load_all(w["base"], world.effects, w["teachers"], loras)
-    methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0)} | {
-        m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
     out = {"variants": variants}
-    for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
-        r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
+    for where, r in rw.measure_rows(w["base"], w["teachers"], names, loras, seeds).items():
         steps = {tag(lr, k): [b - a for a, b in zip(r["replicates"][f"n5_{tag(lr, k)}"], r["replicates"][f"n10_{tag(lr, k)}"])]
                  for lr, k in variants}
         out[where] = r | {"steps": steps}

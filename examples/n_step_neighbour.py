@@ -16,7 +16,6 @@ row's gap to the 40-step teacher (CFG 1) per effect, and each N = 6 row against 
 four 4-seed replicates; it writes runs/n10/n_step_neighbour_<effects>.json. `student n5_seed1` and `student n10_seed1`
 train the N = 5 and N = 10 students again with seed 1 (router, noise, LoRA init and triggers), for their training noise.
 """
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -52,15 +51,10 @@ def student(extra: str) -> None:
 
 def measure(extras: list, seeds: int = 16) -> None:
     w = rw.world_of(64)
-    world = eb.build_world({k: eb.effect_registry()[k] for k in FIRST}, 0)
     loras = {"n5": rw.student_dir(64, 5) / "lora"} | {f"plus_{x}": student_dir(x) / "lora" for x in extras if x in OTHERS}
     loras |= {"n10": rw.student_dir(64, 10) / "lora"} | {x: student_dir(x) / "lora" for x in extras if x in DRAWS}
-    pipe = eb.load_all(w["base"], world.effects, w["teachers"], loras)
-    methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0)} | {
-        m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
-    out = {}
-    for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
-        out[where] = r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
+    out = rw.measure_rows(w["base"], w["teachers"], FIRST, loras, seeds)
+    for where, r in out.items():
         each, pm = r["effect_replicates"], lambda v: "%+.2f +- %.2f" % eb.mean_se(v)
         print(f"{where}, {seeds} seeds: student - 40-step teacher ({', '.join(f'{k} {v:.2f} dB' for k, v in r['reference'].items())})")
         print(f"  {'':26s} {'mean':>15s}" + "".join(f"{k:>17s}" for k in FIRST))

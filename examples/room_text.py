@@ -19,7 +19,6 @@ pretrained as the toy was. If the text channel sets N's cost, the step from N = 
 prints it as examples/room_width.py does (student - 40-step teacher, four 4-seed replicates) and writes
 runs/text/room_text.json (room_text_w<W>.json at another width; _0_1 for two draws).
 """
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -65,14 +64,10 @@ def student(n: int, seed: int = 0) -> None:
 
 
 def measure(*draws: int, seeds: int = 16) -> None:
-    world, (base, _, _, folder) = eb.build_world({k: eb.effect_registry()[k] for k in rw.NAMES[:5]}, 0), paths(WIDTH)
+    base, _, _, folder = paths(WIDTH)
     loras = {f"n{n}" + f"_seed{d}" * (d > 0): student_dir(n, d) / "lora" for d in draws or (0,) for n in (5, 10)}
-    pipe = eb.load_all(base, world.effects, folder / "teachers", loras)
-    methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0), "teacher_8": eb.Method(lambda e: [e.name])} | {
-        m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
     out = {}
-    for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
-        r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
+    for where, r in rw.measure_rows(base, folder / "teachers", rw.NAMES[:5], loras, seeds, teacher_8=True).items():
         gap = r["replicates"] | {f"n10{s} - n5{s}": [a - b for a, b in zip(r["replicates"][f"n10{s}"], r["replicates"][f"n5{s}"])]
                                  for s in (f"_seed{d}" * (d > 0) for d in draws or (0,))}
         out[where] = r | {"replicates": gap}

@@ -97,6 +97,20 @@ def copy_teachers(source: Path, folder: Path, names: list) -> Path:
     return folder
 
 
+def measure_rows(base: Path, teachers: Path, names: list, loras: dict, seeds: int, teacher_8: bool = False) -> dict:
+    """The experiment scripts' measurement: on the first `names` effects, every student (loras: row -> its lora folder,
+    the row name also its adapter's) against the 40-step teacher at CFG 1 [and the teachers' 8 plain steps], as
+    effectbench.psnr_replicates samples, on the held-out sources and on train[0:16] (sources every student trained on):
+    {"held_out": its result, "train": its result}."""
+    world = eb.build_world({k: eb.effect_registry()[k] for k in names}, 0)
+    pipe = eb.load_all(base, world.effects, teachers, loras)
+    methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0)} | (
+        {"teacher_8": eb.Method(lambda e: [e.name])} if teacher_8 else {}) | {
+        m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
+    return {where: eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
+            for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16])))}
+
+
 def teachers(j: int) -> None:
     """As the bench's setup(): stage_teachers (j = 0, 1: half of them each; 2: all cached, then general/), with_images(64)."""
     w, world = world_of(128), eb.build_world({k: eb.effect_registry()[k] for k in NAMES}, 0)
@@ -120,16 +134,9 @@ def student(width: int, n: int, rank: int = 64) -> None:
 
 
 def measure(width: int, rank: int = 64, seeds: int = 16) -> None:
-    w, names = world_of(width), NAMES[:5]
-    world = eb.build_world({k: eb.effect_registry()[k] for k in names}, 0)
-    loras = {f"n{n}": student_dir(width, n, rank) / "lora" for n in (5, 10)}
-    pipe = eb.load_all(w["base"], world.effects, w["teachers"], loras)
-    methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0), "teacher_8": eb.Method(lambda e: [e.name]),
-               "n5_8": eb.Method(lambda e: ["n5"], eb.student_prompts(loras["n5"])),
-               "n10_8": eb.Method(lambda e: ["n10"], eb.student_prompts(loras["n10"]))}
+    w, loras = world_of(width), {f"n{n}_8": student_dir(width, n, rank) / "lora" for n in (5, 10)}
     out = {}
-    for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
-        r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
+    for where, r in measure_rows(w["base"], w["teachers"], NAMES[:5], loras, seeds, teacher_8=True).items():
         gap = r["replicates"] | {"n10_8 - n5_8": [a - b for a, b in zip(r["replicates"]["n10_8"], r["replicates"]["n5_8"])]}
         out[where] = {"replicates": gap, "teacher_40_g1": r["reference"], "per_effect": r["per_effect"]}
         print(f"width {width}, student rank {rank}, {where}: the 40-step teacher {statistics.mean(r['reference'].values()):.2f} dB")

@@ -16,7 +16,6 @@ nearest-valid PSNR minus the 40-step teacher's (CFG 1) as four 4-seed replicates
 against the student of period 1 at its batch and seed (if that one is listed too, else against the first student listed),
 and writes runs/n10/route_<students>.json.
 """
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,17 +45,11 @@ def tag(period: int, batch: int = 8, seed: int = 0) -> str:
 
 
 def measure(*students: tuple, seeds: int = 16) -> None:
-    w = rw.world_of(64)
-    world = eb.build_world({k: eb.effect_registry()[k] for k in rw.NAMES}, 0)
-    loras = {tag(*s): student_dir(*s) / "lora" for s in students}
-    pipe = eb.load_all(w["base"], world.effects, w["teachers"], loras)
-    methods = {"teacher_40_g1": eb.Method(lambda e: [e.name], None, 1.0)} | {
-        m: eb.Method(lambda e, m=m: [m], eb.student_prompts(lora)) for m, lora in loras.items()}
+    w, loras = rw.world_of(64), {tag(*s): student_dir(*s) / "lora" for s in students}
     # each student against period 1 at its own batch and seed, where that one is measured too, else against the first listed
     pairs = {tag(*s): tag(1, *s[1:]) if tag(1, *s[1:]) in loras else tag(*students[0]) for s in students}
     out = {}
-    for where, wo in (("held_out", world), ("train", dataclasses.replace(world, test=world.train[:16]))):
-        r = eb.psnr_replicates(wo, wo.effects, pipe, methods, seeds, "teacher_40_g1")
+    for where, r in rw.measure_rows(w["base"], w["teachers"], rw.NAMES, loras, seeds).items():
         gap = r["replicates"] | {f"{m} - {o}": [a - b for a, b in zip(r["replicates"][m], r["replicates"][o])]
                                  for m, o in pairs.items() if m != o}
         out[where] = r | {"replicates": gap}
