@@ -1329,7 +1329,8 @@ def torchrun(tmp_path, out: Path, *extra, nproc=2):
             "4", "--route_every", "5", "--log_every", "1", "--cache_dir", str(tmp_path / "cache"), *extra]
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                              str(ROOT / "collectionlora.py"), *args], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, start_new_session=True,  # each rank this process's threads: its targets are
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # compared bit for bit
 
 
 def test_torchrun_two_ranks_train_one_student_write_once_fsdp_too_and_refuse_bad_input_once(tmp_path):
