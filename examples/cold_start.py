@@ -123,4 +123,4 @@ if __name__ == "__main__":
     elif what == "measure":
         measure(args)
     else:
-        sys.exit(f"unknown command {what!r} -- see {__file__}'s docstring: cold, fm, curve or measure")
+        sys.exit(f"unknown command {what!r} -- see the docstring of examples/cold_start.py: cold, fm, at, curve or measure")
