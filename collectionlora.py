@@ -934,22 +934,22 @@ def deferred_signals():
             signal.signal(s, h)
 
 
-def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, gen, keep: int):
-    """Everything for a bit-exact resume: LoRAs, optimisers, every rank's RNG (router: a function of the step). All ranks call it."""
+def save_checkpoint(folder: Path, step: int, transformer, opt_student, opt_critic, gen, keep: int, logs: dict):
+    """All a bit-exact resume needs: LoRAs, optimisers, every rank's RNG (router: from the step), the last student losses; all ranks."""
     gens, names = gather(gen.get_state()), ("student", "critic")
     state = whole({"opt_student": opt_student.state_dict(), "opt_critic": opt_critic.state_dict()}  # --fsdp: the shards gathered
                   | {name: get_peft_model_state_dict(transformer, adapter_name=name) for name in names})
     if rank_and_world()[0] > 0:
         return None
-    state |= {"step": step, "gen": gens} | {name: {k: v.detach().cpu().clone() for k, v in state[name].items()} for name in names}
+    state |= {"step": step, "gen": gens, "logs": logs} | {name: {k: v.detach().cpu().clone() for k, v in state[name].items()} for name in names}
     atomic_save(state, path := folder / f"step_{step:08d}.pt")
     for old in sorted(folder.glob("step_*.pt"))[:-keep]:
         old.unlink()
     return path
 
 
-def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> int:
-    """Restore a save_checkpoint() file in place; returns its step."""
+def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> tuple:
+    """Restore a save_checkpoint() file in place; returns (its step, the last student losses)."""
     state, (rank, world) = torch.load(path, weights_only=True, map_location="cpu"), rank_and_world()  # weights only: safe
     if len(gens := state["gen"]) != world:
         raise InputError(f"--resume: {path} was written by {len(gens)} processes, this run has {world} -- resume with the "
@@ -965,7 +965,7 @@ def load_checkpoint(path: Path, transformer, opt_student, opt_critic, gen) -> in
         adam["state"] = {i: {k: like(v, params[i]) if v.dim() else v for k, v in s.items()} for i, s in adam["state"].items()}
         opt.load_state_dict(adam)
     gen.set_state(gens[rank])
-    return state["step"]
+    return state["step"], state.get("logs", {})
 
 
 def export_lora(pipe, cfg: Config, effects: list, bank: TeacherBank, extra: dict, old: list = ()) -> Path:
@@ -1094,14 +1094,14 @@ def train(cfg: Config) -> Path | None:
                     [len(p) for p in data.on_policy] if any(e.sources for e in effects) else [], cfg.warmup)
     gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)  # each rank its own noise
     sigmas = student_sigmas(cfg.student_steps, cfg.shift).to(device)  # (8,) 1.0 ... 0.3
-    start = load_checkpoint(max(ckpt_dir.glob("step_*.pt")), transformer, opt_student, opt_critic, gen) if cfg.resume else 0
+    start, student_logs = load_checkpoint(max(ckpt_dir.glob("step_*.pt")), transformer, opt_student, opt_critic, gen) if cfg.resume else (0, {})
     if rank == 0:  # log.jsonl: one line per logged step; a resumed run drops the lines written after its checkpoint
         kept = [line for line in log.read_text().splitlines() if line.endswith("}") and json.loads(line)["step"] <= start] \
             if log.exists() else []  # a line cut short by a crash ends without its "}"
         atomic_save("".join(line + "\n" for line in kept), log, lambda text, tmp: tmp.write_text(text))
 
     # --- the loop: critic every step, student every gen_every ---
-    t0, student_logs, nonfinite = time.time(), {}, 0
+    t0, nonfinite = time.time(), 0
     with deferred_signals() as signals, tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps,
                                              desc="distilling", dynamic_ncols=True, disable=rank > 0) as bar:
         say = bar.write if rank == 0 else lambda line: None
@@ -1121,11 +1121,11 @@ def train(cfg: Config) -> Path | None:
                 seconds = (time.time() - t0) / (step + 1 - start)
                 say(f"step {step + 1}/{cfg.max_steps} | {what} | " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
                     + f" | {seconds:.3f} s/step")
-                with log.open("a") as f:  # this step's losses only
-                    f.write(json.dumps({"step": step + 1, "stream": route.stream, "effect": what} | logs | {"s_step": seconds}) + "\n")
+                with log.open("a") as f:  # the stream and effect of this step, the losses shown (the student's: its last update)
+                    f.write(json.dumps({"step": step + 1, "stream": route.stream, "effect": what} | shown | {"s_step": seconds}) + "\n")
             stop = any(gather(bool(signals)))  # a signal reaches each rank at its own step: all stop after the same one
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop or nonfinite >= cfg.max_nonfinite:
-                path = save_checkpoint(ckpt_dir, step + 1, transformer, opt_student, opt_critic, gen, cfg.keep_checkpoints)
+                path = save_checkpoint(ckpt_dir, step + 1, transformer, opt_student, opt_critic, gen, cfg.keep_checkpoints, student_logs)
             if cfg.preview_every and (step + 1) % cfg.preview_every == 0:  # every rank samples (--fsdp: together), rank 0 writes
                 with image_sizes(cfg):
                     write_preview(pipe, cfg, data, f"preview_{step + 1}.png")

@@ -558,7 +558,7 @@ def test_every_teacher_target_starts_from_its_own_noise_and_again_from_the_same(
         cfg = tiny_config(teachers, out, seed=seed)
         pipe = build_tiny_pipeline(0)
         pipe.set_progress_bar_config(disable=True)
-        bank = cl.TeacherBank(effects := cl.read_teachers(cfg.teachers), pipe, cfg.cache)
+        bank = cl.TeacherBank(cl.read_teachers(cfg.teachers), pipe, cfg.cache)
         noises.clear()
         targets = [cl.teacher_target(pipe, bank, i, p, cfg, pipe.scheduler) for i in range(2) for p in images]
         return torch.cat(noises), torch.cat(targets)
@@ -1224,6 +1224,8 @@ def test_previews_while_training_and_log_jsonl_change_nothing_and_survive_a_resu
     assert not list(out.glob("preview_[!48]*.png")) and not list(out.rglob("*.tmp"))
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == list(range(1, 9)) and {"stream", "effect", "critic", "s_step"} <= logs[0].keys()
+    # every line has the student's losses of its last update (gen_every 5: steps 1 and 6), as the terminal shows them
+    assert [r["dmd"] for r in logs[:5]] == [logs[0]["dmd"]] * 5 and logs[5]["dmd"] != logs[0]["dmd"]
     assert logs == [json.loads(line) | {"s_step": r["s_step"]} for line, r in
                     zip((tmp_path / "plain" / "log.jsonl").read_text().splitlines(), logs)]
     # a crash after steps 5..8 were logged, before their checkpoint: the resumed run logs them once, as before

@@ -517,7 +517,7 @@ def main(argv=None):
     # -- activations --
     d = c["num_attention_heads"] * c["attention_head_dim"]
     ptb = per_token_block(d, args.rank, c["num_attention_heads"], "cuda-bf16")
-    say(f"## Activations (CUDA bf16 autocast, batch 1 per GPU; formula)\n")
+    say("## Activations (CUDA bf16 autocast, batch 1 per GPU; formula)\n")
     say(f"Saved for backward per token per block = {ptb:,.0f} bytes at width d={d}, r={args.rank} "
         f"(= {ptb / d:.1f} d; fp32: {per_token_block(d, args.rank, 24, 'fp32') / d:.1f} d, CPU bf16 autocast: "
         f"{per_token_block(d, args.rank, 24, 'cpu-bf16') / d:.1f} d):\n")
