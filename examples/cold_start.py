@@ -37,16 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import effectbench as eb  # noqa: E402
 import room_width as rw  # noqa: E402
 
-COLD = {"": {}, "fm_full": {}, "lr1e-3": {"lr": 1e-3}, "long": {"max_steps": 25000},  # session 38, constant lr
-        "decay": {"lr": 1e-3, "lr_decay": True}, "decay_fm_full": {"lr": 1e-3, "lr_decay": True},  # session 39
-        "decay_fm_full_no_ts": {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0}}
-COLD_DIRS = {"": "cold_15000_lr1e-4_const", "fm_full": "cold_15000_lr1e-4_const_fm_full", "lr1e-3": "cold_15000_lr1e-4_const_lr1e-3",
-             "long": "cold_25000_lr1e-4_const", "decay": "cold_15000_lr1e-3_decay", "decay_fm_full": "cold_15000_lr1e-3_decay_fm_full",
-             "decay_fm_full_no_ts": "cold_15000_lr1e-3_decay_fm_full_no_ts"}
+COLD = {"": ("cold_15000_lr1e-4_const", {}), "fm_full": ("cold_15000_lr1e-4_const_fm_full", {}),  # session 38, constant lr
+        "lr1e-3": ("cold_15000_lr1e-4_const_lr1e-3", {"lr": 1e-3}), "long": ("cold_25000_lr1e-4_const", {"max_steps": 25000}),
+        "decay": ("cold_15000_lr1e-3_decay", {"lr": 1e-3, "lr_decay": True}),  # session 39
+        "decay_fm_full": ("cold_15000_lr1e-3_decay_fm_full", {"lr": 1e-3, "lr_decay": True}),
+        "decay_fm_full_no_ts": ("cold_15000_lr1e-3_decay_fm_full_no_ts", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0})}
 FM = {"fall1e-3": (12000, 1e-3), "fall1e-4": (12000, 1e-4), "const1e-4": (10**9, 1e-4), "const1e-3": (10**9, 1e-3),
       "fall1e-3_7500": (7500, 1e-3)}  # (--warmup, --warmup_lr); max_steps min(warmup, 12,000)
 ROWS = {"warm": "distil_w12000_12500_g1_lr3e-05_k8_fm1_gw_decay_route1"} | {
-    "cold" + (f"_{v}" if v else ""): d for v, d in COLD_DIRS.items()} | {f"fm_{v}": f"fmonly_{v}" for v in FM}
+    "cold" + (f"_{v}" if v else ""): d for v, (d, _) in COLD.items()} | {f"fm_{v}": f"fmonly_{v}" for v in FM}
 
 
 def full_range_fm() -> None:
@@ -60,10 +59,10 @@ def cold(variant: str) -> None:
     if "fm_full" in variant:
         full_range_fm()
     knobs = rw.knobs(10, w["cache"], per_warm=0, per_full=1500)[1] | {
-        "lr": 1e-4, "lr_decay": False, "route_every": 1, "save_every": 2500, "keep_checkpoints": 11} | COLD[variant]
-    out = w["home"] / COLD_DIRS[variant]
+        "lr": 1e-4, "lr_decay": False, "route_every": 1, "save_every": 2500, "keep_checkpoints": 11} | COLD[variant][1]
+    out = w["home"] / COLD[variant][0]
     if variant == "long" and not out.is_dir():  # constant lr, router and noise from (seed, step) and the checkpoint: the longer run
-        shutil.copytree(w["home"] / COLD_DIRS[""] / "checkpoints", out / "checkpoints")
+        shutil.copytree(w["home"] / COLD[""][0] / "checkpoints", out / "checkpoints")
     print(eb.stage_distil(w["teachers"], w["general"], w["base"], out, 0, **knobs).get("seconds"))
 
 
