@@ -669,9 +669,9 @@ def choose_triggers(pipe, effects: list, seed: int, candidates: int = 16, aop: b
 
 # ---- Data: every (prompt, image) encoded once, every teacher target ("base_pred") computed once ----
 
-def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler, j: int | None = 0, general: str = ""):
-    """Teacher output j (latents; j None: all --targets_per_image, a list) for (effect, source image), or (index -1) the bare base's
-    for a general edit (its instruction `general`): the stock pipeline with the teacher's LoRA, the base's scheduler, CFG g; cached.
+def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: Config, teacher_scheduler, general: str = "") -> list:
+    """The --targets_per_image teacher outputs (latents, each (1, L, 4C)) for (effect, source image), or (index -1) the bare base's
+    one for a general edit (its instruction `general`): the stock pipeline with the teacher's LoRA, the base's scheduler, CFG g; cached.
     A source's missing outputs come from one batched call: on the toy bench 8 in 0.42 s, one by one 1.9 s."""
     e, image = bank.effects[index] if index >= 0 else None, Image.open(image_path).convert("RGB")
     (_, (vw, vh)), text, h = _qwen_sizes(image), e.instruction if e else general, file_hash(image_path)  # the file read once
@@ -688,7 +688,7 @@ def teacher_target(pipe, bank: TeacherBank, index: int, image_path: Path, cfg: C
             y = sample(pipe, image, text, cfg.teacher_steps, [seeds[k] for k in missing], "latent", cfg.guidance).float().cpu()
         for k, y_k in zip(missing, y):  # (L, 4C) each
             atomic_save(y_k[None].clone(), paths[k])
-    return [torch.load(path, weights_only=True) for path in paths] if j is None else torch.load(paths[j], weights_only=True)
+    return [torch.load(path, weights_only=True) for path in paths]
 
 
 def cached_encode(pipe, image_path: Path, prompt: str, cfg: Config) -> EditInputs:
@@ -726,10 +726,10 @@ class EditData:
             teacher_target(pipe, bank, i, p, cfg, teacher_scheduler)
         gather(None)  # torchrun: a barrier, the shares are all written
         for i, p in tqdm(items, desc="teacher targets", disable=rank > 0):
-            self.targets |= {(i, p, j): y for j, y in enumerate(teacher_target(pipe, bank, i, p, cfg, teacher_scheduler, None))}
+            self.targets |= {(i, p, j): y for j, y in enumerate(teacher_target(pipe, bank, i, p, cfg, teacher_scheduler))}
         self.general_inputs = [(enc(instruction, image), enc("", image)) for image, instruction in general]
         # the warm start's flow matching on the general stream learns the base's own edits (else it unlearns them: examples/LAB_NOTES.md)
-        self.general_targets = [teacher_target(pipe, bank, -1, image, cfg, teacher_scheduler, general=instruction)
+        self.general_targets = [teacher_target(pipe, bank, -1, image, cfg, teacher_scheduler, general=instruction)[0]
                                 for image, instruction in tqdm(general, desc="general targets", disable=rank > 0)] if cfg.warmup else []
 
     def batch(self, r: Route, device) -> Batch:

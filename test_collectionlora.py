@@ -519,7 +519,7 @@ def test_teacher_targets_and_encodings_are_cached(teachers, trained, monkeypatch
     effects = cl.read_teachers(cfg.teachers)
     bank = cl.TeacherBank(effects, pipe, cfg.cache)
     monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("teacher re-run despite the cache"))
-    y = cl.teacher_target(pipe, bank, 0, effects[0].images[0], cfg, pipe.scheduler)
+    y = cl.teacher_target(pipe, bank, 0, effects[0].images[0], cfg, pipe.scheduler)[0]
     assert y.shape == (1, 16, 16) and torch.isfinite(y).all()
     fresh = cl.encode(pipe, Image.open(effects[0].images[0]).convert("RGB"), effects[0].instruction)
     monkeypatch.setattr(type(pipe), "encode_prompt", lambda *a, **k: pytest.fail("text encoder re-run despite the cache"))
@@ -540,7 +540,7 @@ def test_another_base_in_the_same_cache_encodes_and_computes_its_targets_afresh(
     fresh = [cl.encode(pipe, Image.open(image).convert("RGB"), text).embeds for pipe in pipes]
     assert not torch.equal(fresh[0], fresh[1])  # the two bases do differ
     assert all(torch.equal(cl.cached_encode(pipe, image, text, cfg).embeds, f) for pipe, f in zip(pipes, fresh))
-    y = [cl.teacher_target(pipe, cl.TeacherBank(effects, pipe, cfg.cache), 0, image, cfg, pipe.scheduler) for pipe in pipes]
+    y = [cl.teacher_target(pipe, cl.TeacherBank(effects, pipe, cfg.cache), 0, image, cfg, pipe.scheduler)[0] for pipe in pipes]
     assert len(list((cfg.cache / "targets").glob("*.pt"))) == n_targets + 1 and not torch.equal(*y)  # seed 0's was cached
     monkeypatch.setattr(type(pipes[0]), "encode_prompt", lambda *a, **k: pytest.fail("text encoder re-run for a renamed base"))
     renamed = dataclasses.replace(cfg, base=str(trained[0] / "a copy of the base"))
@@ -560,7 +560,7 @@ def test_every_teacher_target_starts_from_its_own_noise_and_again_from_the_same(
         pipe.set_progress_bar_config(disable=True)
         bank = cl.TeacherBank(cl.read_teachers(cfg.teachers), pipe, cfg.cache)
         noises.clear()
-        targets = [cl.teacher_target(pipe, bank, i, p, cfg, pipe.scheduler) for i in range(2) for p in images]
+        targets = [cl.teacher_target(pipe, bank, i, p, cfg, pipe.scheduler)[0] for i in range(2) for p in images]
         return torch.cat(noises), torch.cat(targets)
     first, targets = starting_noises(0, tmp_path / "a")
     assert first.shape == targets.shape == (6, 16, 16)
@@ -597,12 +597,12 @@ def test_k_targets_per_source_each_its_own_noise_every_one_drawn_with_its_own_so
     pipe.set_progress_bar_config(disable=True)
     cfg1 = tiny_config(tmp_path, tmp_path / "k1", cache_dir=str(tmp_path / "fresh"))  # K = 1, computed afresh
     bank1 = cl.TeacherBank(cl.read_teachers(cfg1.teachers), pipe, cfg1.cache)
-    cfg3 = tiny_config(tmp_path, tmp_path / "k3", targets_per_image=3)  # the run's: one j at a time (the run took all K per call)
+    cfg3 = tiny_config(tmp_path, tmp_path / "k3", targets_per_image=3)  # the run's cache: its K targets, in j's order
     for i, pool in enumerate(data.pools):
         mine = {(p, j): y for (e, p, j), y in data.targets.items() if e == i}
         assert len(mine) == 6 and all(not torch.equal(a, b) for a, b in itertools.combinations(mine.values(), 2))
-        assert all(torch.allclose(mine[p, 0], cl.teacher_target(pipe, bank1, i, p, cfg1, pipe.scheduler), atol=1e-5) for p in pool)
-        assert all(torch.allclose(mine[p, j], cl.teacher_target(pipe, bank1, i, p, cfg3, pipe.scheduler, j), atol=1e-5)
+        assert all(torch.allclose(mine[p, 0], cl.teacher_target(pipe, bank1, i, p, cfg1, pipe.scheduler)[0], atol=1e-5) for p in pool)
+        assert all(torch.allclose(mine[p, j], cl.teacher_target(pipe, bank1, i, p, cfg3, pipe.scheduler)[j], atol=1e-5)
                    for p in pool for j in range(3))
         latents = {p: data.effect_inputs[i, p][0].image_latents for p in pool}
         assert not torch.equal(*latents.values())  # else the pairing below would prove nothing
@@ -932,7 +932,7 @@ def test_a_changed_teacher_file_invalidates_only_its_cached_targets(teachers, tm
         pipe.set_progress_bar_config(disable=True)
         effects = cl.read_teachers(cfg.teachers)
         bank = cl.TeacherBank(effects, pipe, cfg.cache)
-        return [cl.teacher_target(pipe, bank, i, e.images[0], cfg, pipe.scheduler) for i, e in enumerate(effects)]
+        return [cl.teacher_target(pipe, bank, i, e.images[0], cfg, pipe.scheduler)[0] for i, e in enumerate(effects)]
     first = targets()
     assert len(calls) == 3
     lora = sorted((tmp_path / "teachers").glob("*/*.safetensors"))[0]  # the first effect's LoRA file, changed

@@ -48,7 +48,7 @@ def main(argv=None):
             cl.use_adapter(pipe.transformer, "teacher")
             return cl.sample(pipe, Image.open(path).convert("RGB"), e.instruction, 40, cfg.seed, "latent", 1.0)
         ways = {"one noise for every source": one_noise,
-                "its own noise (teacher_target)": lambda path: cl.teacher_target(pipe, bank, index, path, cfg, pipe.scheduler)}
+                "its own noise (teacher_target)": lambda path: cl.teacher_target(pipe, bank, index, path, cfg, pipe.scheduler)[0]}
         for way, target in ways.items():
             counts = torch.zeros(e.K, dtype=torch.long)
             for path in effects[index].images[: args.images]:
