@@ -11,6 +11,8 @@ the warm start's differences makes it reach the teachers? Each run below is one 
     python examples/cold_start.py cold decay           # one change: lr 1e-3 falling to 0 at 15,000 (the warm start's; session 39)
     python examples/cold_start.py cold decay_fm_full   # the same from the fm_full run
     python examples/cold_start.py cold decay_fm_full_no_ts   # and from that one, no target simulation (--w_ts 0)
+    python examples/cold_start.py cold decay_no_ts     # lr 1e-3 falling, --w_ts 0, TA-FM as the paper: CLI flags alone (session 40)
+    python examples/cold_start.py cold decay_fm_full_no_ts_dmd2   # decay_fm_full_no_ts with the DMD term weighted 2 (session 40)
     python examples/cold_start.py fm fall1e-3          # flow matching alone: the bench's own warm start, 12,000 iterations
     python examples/cold_start.py fm fall1e-4          # ... lr 1e-4 falling to 0; const1e-4, const1e-3: a constant lr
     python examples/cold_start.py fm fall1e-3_7500     # the warm start in 7,500: as many student updates as 15,000 cold iterations
@@ -41,7 +43,9 @@ COLD = {"": ("cold_15000_lr1e-4_const", {}), "fm_full": ("cold_15000_lr1e-4_cons
         "lr1e-3": ("cold_15000_lr1e-4_const_lr1e-3", {"lr": 1e-3}), "long": ("cold_25000_lr1e-4_const", {"max_steps": 25000}),
         "decay": ("cold_15000_lr1e-3_decay", {"lr": 1e-3, "lr_decay": True}),  # session 39
         "decay_fm_full": ("cold_15000_lr1e-3_decay_fm_full", {"lr": 1e-3, "lr_decay": True}),
-        "decay_fm_full_no_ts": ("cold_15000_lr1e-3_decay_fm_full_no_ts", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0})}
+        "decay_fm_full_no_ts": ("cold_15000_lr1e-3_decay_fm_full_no_ts", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0}),
+        "decay_no_ts": ("cold_15000_lr1e-3_decay_no_ts", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0}),  # session 40: flags alone
+        "decay_fm_full_no_ts_dmd2": ("cold_15000_lr1e-3_decay_fm_full_no_ts_dmd2", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0})}
 FM = {"fall1e-3": (12000, 1e-3), "fall1e-4": (12000, 1e-4), "const1e-4": (10**9, 1e-4), "const1e-3": (10**9, 1e-3),
       "fall1e-3_7500": (7500, 1e-3)}  # (--warmup, --warmup_lr); max_steps min(warmup, 12,000)
 ROWS = {"warm": "distil_w12000_12500_g1_lr3e-05_k8_fm1_gw_decay_route1"} | {
@@ -54,10 +58,18 @@ def full_range_fm() -> None:
     eb.cl.flow_matching_term = lambda tr, adapter, x0, c, t_min, cfg, gen: fm(tr, adapter, x0, c, 0.0 if adapter == "student" else t_min, cfg, gen)
 
 
+def double_dmd() -> None:
+    """The DMD term weighted 2 (no flag has it): as much weight on the critic's score as DMD and TS together, without TS."""
+    loss = eb.cl.student_loss
+    eb.cl.student_loss = lambda *args: (lambda losses: losses | {"dmd": 2 * losses["dmd"]})(loss(*args))
+
+
 def cold(variant: str) -> None:
     w = rw.world_of(64)
     if "fm_full" in variant:
         full_range_fm()
+    if "dmd2" in variant:
+        double_dmd()
     knobs = rw.knobs(10, w["cache"], per_warm=0, per_full=1500)[1] | {
         "lr": 1e-4, "lr_decay": False, "route_every": 1, "save_every": 2500, "keep_checkpoints": 11} | COLD[variant][1]
     out = w["home"] / COLD[variant][0]
