@@ -60,8 +60,12 @@ def full_range_fm() -> None:
 
 def double_dmd() -> None:
     """The DMD term weighted 2 (no flag has it): as much weight on the critic's score as DMD and TS together, without TS."""
-    loss = eb.cl.student_loss
-    eb.cl.student_loss = lambda *args: (lambda losses: losses | {"dmd": 2 * losses["dmd"]})(loss(*args))
+    student_loss = eb.cl.student_loss
+
+    def doubled(*args) -> dict:
+        losses = student_loss(*args)
+        return losses | {"dmd": 2 * losses["dmd"]}
+    eb.cl.student_loss = doubled
 
 
 def cold(variant: str) -> None:
