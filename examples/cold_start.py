@@ -13,6 +13,8 @@ the warm start's differences makes it reach the teachers? Each run below is one 
     python examples/cold_start.py cold decay_fm_full_no_ts   # and from that one, no target simulation (--w_ts 0)
     python examples/cold_start.py cold decay_no_ts     # lr 1e-3 falling, --w_ts 0, TA-FM as the paper: CLI flags alone (session 40)
     python examples/cold_start.py cold decay_fm_full_no_ts_dmd2   # decay_fm_full_no_ts with the DMD term weighted 2 (session 40)
+    python examples/cold_start.py cold decay_fm_full_ts0          # decay_fm_full with TS's timestep over [0, 1000): --ts_t_min 0
+    python examples/cold_start.py cold decay_fm_full_critic_ts    # decay_fm_full, the critic also learns TS's samples (session 41)
     python examples/cold_start.py fm fall1e-3          # flow matching alone: the bench's own warm start, 12,000 iterations
     python examples/cold_start.py fm fall1e-4          # ... lr 1e-4 falling to 0; const1e-4, const1e-3: a constant lr
     python examples/cold_start.py fm fall1e-3_7500     # the warm start in 7,500: as many student updates as 15,000 cold iterations
@@ -45,7 +47,9 @@ COLD = {"": ("cold_15000_lr1e-4_const", {}), "fm_full": ("cold_15000_lr1e-4_cons
         "decay_fm_full": ("cold_15000_lr1e-3_decay_fm_full", {"lr": 1e-3, "lr_decay": True}),
         "decay_fm_full_no_ts": ("cold_15000_lr1e-3_decay_fm_full_no_ts", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0}),
         "decay_no_ts": ("cold_15000_lr1e-3_decay_no_ts", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0}),  # session 40: flags alone
-        "decay_fm_full_no_ts_dmd2": ("cold_15000_lr1e-3_decay_fm_full_no_ts_dmd2", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0})}
+        "decay_fm_full_no_ts_dmd2": ("cold_15000_lr1e-3_decay_fm_full_no_ts_dmd2", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0}),
+        "decay_fm_full_ts0": ("cold_15000_lr1e-3_decay_fm_full_ts0", {"lr": 1e-3, "lr_decay": True, "ts_t_min": 0.0}),  # session 41
+        "decay_fm_full_critic_ts": ("cold_15000_lr1e-3_decay_fm_full_critic_ts", {"lr": 1e-3, "lr_decay": True})}
 FM = {"fall1e-3": (12000, 1e-3), "fall1e-4": (12000, 1e-4), "const1e-4": (10**9, 1e-4), "const1e-3": (10**9, 1e-3),
       "fall1e-3_7500": (7500, 1e-3)}  # (--warmup, --warmup_lr); max_steps min(warmup, 12,000)
 ROWS = {"warm": "distil_w12000_12500_g1_lr3e-05_k8_fm1_gw_decay_route1"} | {
@@ -68,12 +72,32 @@ def double_dmd() -> None:
     eb.cl.student_loss = doubled
 
 
+def critic_on_ts() -> None:
+    """The critic also learns the samples the TS term is applied to (the student's x0 from a noised teacher output, drawn as
+    student_loss draws them), beside its own: each DMD term's fake score then comes from its own samples (no flag has it)."""
+    cl, critic_loss = eb.cl, eb.cl.critic_loss
+
+    def both(transformer, b, sigmas, cfg, gen):
+        loss = critic_loss(transformer, b, sigmas, cfg, gen)
+        if b.teacher_adapter and b.target is not None:  # the effect stream with teacher outputs: where TS is applied
+            with torch.no_grad():
+                j = int(torch.randint(len(sigmas) - cfg.ts_last_k, len(sigmas), (), generator=gen, device=gen.device))
+                x_j = cl.add_noise(b.target, torch.randn(b.target.shape, generator=gen, device=gen.device), sigmas[j])
+                cl.use_adapter(transformer, "student")
+                x0_ts = cl.x0_from_v(x_j, cl.predict_v(transformer, x_j, sigmas[j], b.student), sigmas[j])
+            loss = loss + cl.flow_matching_term(transformer, "critic", x0_ts, b.student, 0.0, cfg, gen)
+        return loss
+    cl.critic_loss = both
+
+
 def cold(variant: str) -> None:
     w = rw.world_of(64)
     if "fm_full" in variant:
         full_range_fm()
     if "dmd2" in variant:
         double_dmd()
+    if "critic_ts" in variant:
+        critic_on_ts()
     knobs = rw.knobs(10, w["cache"], per_warm=0, per_full=1500)[1] | {
         "lr": 1e-4, "lr_decay": False, "route_every": 1, "save_every": 2500, "keep_checkpoints": 11} | COLD[variant][1]
     out = w["home"] / COLD[variant][0]
