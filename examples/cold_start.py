@@ -15,6 +15,7 @@ the warm start's differences makes it reach the teachers? Each run below is one 
     python examples/cold_start.py cold decay_fm_full_no_ts_dmd2   # decay_fm_full_no_ts with the DMD term weighted 2 (session 40)
     python examples/cold_start.py cold decay_fm_full_ts0          # decay_fm_full with TS's timestep over [0, 1000): --ts_t_min 0
     python examples/cold_start.py cold decay_fm_full_critic_ts    # decay_fm_full, the critic also learns TS's samples (session 41)
+    python examples/cold_start.py cold decay_fm_full_ts0_critic_ts   # both changes at once
     python examples/cold_start.py fm fall1e-3          # flow matching alone: the bench's own warm start, 12,000 iterations
     python examples/cold_start.py fm fall1e-4          # ... lr 1e-4 falling to 0; const1e-4, const1e-3: a constant lr
     python examples/cold_start.py fm fall1e-3_7500     # the warm start in 7,500: as many student updates as 15,000 cold iterations
@@ -49,7 +50,8 @@ COLD = {"": ("cold_15000_lr1e-4_const", {}), "fm_full": ("cold_15000_lr1e-4_cons
         "decay_no_ts": ("cold_15000_lr1e-3_decay_no_ts", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0}),  # session 40: flags alone
         "decay_fm_full_no_ts_dmd2": ("cold_15000_lr1e-3_decay_fm_full_no_ts_dmd2", {"lr": 1e-3, "lr_decay": True, "w_ts": 0.0}),
         "decay_fm_full_ts0": ("cold_15000_lr1e-3_decay_fm_full_ts0", {"lr": 1e-3, "lr_decay": True, "ts_t_min": 0.0}),  # session 41
-        "decay_fm_full_critic_ts": ("cold_15000_lr1e-3_decay_fm_full_critic_ts", {"lr": 1e-3, "lr_decay": True})}
+        "decay_fm_full_critic_ts": ("cold_15000_lr1e-3_decay_fm_full_critic_ts", {"lr": 1e-3, "lr_decay": True}),
+        "decay_fm_full_ts0_critic_ts": ("cold_15000_lr1e-3_decay_fm_full_ts0_critic_ts", {"lr": 1e-3, "lr_decay": True, "ts_t_min": 0.0})}
 FM = {"fall1e-3": (12000, 1e-3), "fall1e-4": (12000, 1e-4), "const1e-4": (10**9, 1e-4), "const1e-3": (10**9, 1e-3),
       "fall1e-3_7500": (7500, 1e-3)}  # (--warmup, --warmup_lr); max_steps min(warmup, 12,000)
 ROWS = {"warm": "distil_w12000_12500_g1_lr3e-05_k8_fm1_gw_decay_route1"} | {
